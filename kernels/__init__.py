@@ -1,0 +1,1 @@
+"""Block-sparse linear kernels (imports as sparse_nlp.kernels)."""

@@ -1,0 +1,1 @@
+"""sparse_nlp: train sparse transformers for language."""
