@@ -1,1 +1,24 @@
-"""sparse_nlp: train sparse transformers for language."""
+"""sparse_nlp: train sparse transformers for language.
+
+    model = sparse_nlp.sparsify(model, density=0.2)                 # patch linear layers in place
+    controller = sparse_nlp.SparsityController(model, optimizer, total_steps=10_000)
+    ... loss.backward(); optimizer.step(); controller.step(); optimizer.zero_grad()
+"""
+from sparse_nlp.config import SparsityConfig
+from sparse_nlp.controller import LayerReport, SparsityController
+from sparse_nlp.layers import SparseLinear
+from sparse_nlp.methods import TopologyMethod, known_methods, register_method
+from sparse_nlp.sparsify import sparse_layers, sparsify, unsparsify
+
+__all__ = [
+    "SparsityConfig",
+    "SparsityController",
+    "LayerReport",
+    "SparseLinear",
+    "TopologyMethod",
+    "known_methods",
+    "register_method",
+    "sparse_layers",
+    "sparsify",
+    "unsparsify",
+]

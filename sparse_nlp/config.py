@@ -1,0 +1,94 @@
+"""`SparsityConfig`: every sparsity setting in one dataclass that `HfArgumentParser` reads from the command line."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+DISTRIBUTIONS = ("uniform", "erk")
+INITS = ("random", "magnitude")
+DENSE = "dense"  # not a sparsity method: recipes train the dense baseline when they see it
+
+
+@dataclass
+class SparsityConfig:
+    density: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of weights kept in the sparsified layers, in (0, 1]. 0.2: 5x fewer weights."},
+    )
+    method: str = field(
+        default="momentum",
+        metadata={"help": "How the topology changes: momentum (sparse momentum), rigl, set, static, magnitude; dense: no sparsity."},
+    )
+    target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names to sparsify (suffix match, e.g. c_fc q_proj). Default: every nn.Linear and "
+            "transformers Conv1D except the output embedding ('all-linear')."
+        },
+    )
+    target_regex: Optional[str] = field(
+        default=None, metadata={"help": "Regex over full module names selecting the layers to sparsify."}
+    )
+    distribution: str = field(
+        default="uniform",
+        metadata={"help": "Per-layer density: uniform (same for every layer) or erk (RigL's Erdos-Renyi-kernel)."},
+    )
+    init: str = field(
+        default="random",
+        metadata={"help": "Initial mask: random (training from scratch) or magnitude (keep the largest pretrained weights)."},
+    )
+    prune_rate: float = field(
+        default=0.5, metadata={"help": "Fraction of each layer's active weights pruned at the first topology update."}
+    )
+    prune_rate_decay: str = field(
+        default="cosine", metadata={"help": "How the prune rate decays over training: cosine (to 0) or constant."}
+    )
+    update_interval: int = field(
+        default=100, metadata={"help": "Optimizer steps between topology updates."}
+    )
+    update_end_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Topology updates stop after this fraction of training (RigL uses 0.75; the reference 1.0)."},
+    )
+    momentum_beta: float = field(
+        default=0.9,
+        metadata={"help": "Decay of the gradient average used as momentum when the optimizer keeps no momentum."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the initial masks and random growth."})
+
+    def __post_init__(self):
+        from sparse_nlp.methods import known_methods  # late import: methods import the config
+
+        if not isinstance(self.density, (int, float)) or math.isnan(self.density) or not 0 < self.density <= 1:
+            raise ValueError(f"density must be in (0, 1], got {self.density!r}; e.g. density=0.2 keeps 20% of weights.")
+        if self.method != DENSE and self.method not in known_methods():
+            methods = ", ".join(known_methods() + [DENSE])
+            raise ValueError(f"unknown sparsity method {self.method!r}; known methods: {methods}.")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {self.distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}.")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}.")
+        if not 0 <= self.prune_rate < 1:
+            raise ValueError(f"prune_rate must be in [0, 1), got {self.prune_rate!r}.")
+        if self.prune_rate_decay not in ("cosine", "constant"):
+            raise ValueError(f"unknown prune_rate_decay {self.prune_rate_decay!r}; choose cosine or constant.")
+        if int(self.update_interval) != self.update_interval or self.update_interval < 1:
+            raise ValueError(f"update_interval must be a positive integer, got {self.update_interval!r}.")
+        if not 0 < self.update_end_fraction <= 1:
+            raise ValueError(f"update_end_fraction must be in (0, 1], got {self.update_end_fraction!r}.")
+        if not 0 <= self.momentum_beta < 1:
+            raise ValueError(f"momentum_beta must be in [0, 1), got {self.momentum_beta!r}.")
+        if self.target_modules is not None and self.target_regex is not None:
+            raise ValueError("give either target_modules or target_regex, not both.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SparsityConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown sparsity option(s) {unknown}; known options: {sorted(known)}.")
+        return cls(**values)

@@ -1,0 +1,180 @@
+"""`SparsityController`: drives the topology of a sparsified model during training, beside any optimizer.
+
+Call ``step()`` after every ``optimizer.step()`` (and before ``zero_grad``): it zeroes masked weights, keeps the
+momentum statistics, advances the schedule and updates the topology when due. The optimizer is never wrapped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from sparse_nlp.config import SparsityConfig
+from sparse_nlp.distributed import broadcast_masks, is_distributed
+from sparse_nlp.methods import LayerState, get_method, update_layer_topology
+from sparse_nlp.optimizer_state import MomentumTracker
+from sparse_nlp.schedule import TopologySchedule
+from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    shape: tuple[int, ...]
+    nonzeros: int
+    density: float
+
+
+class SparsityController:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Optional[SparsityConfig] = None,
+        *,
+        total_steps: Optional[int] = None,
+    ):
+        self.layers = sparse_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no sparse layers; call sparse_nlp.sparsify(model, ...) first.")
+        config = config if config is not None else getattr(model, CONFIG_ATTRIBUTE, None)
+        if config is None:
+            raise ValueError("no sparsity config: pass config=SparsityConfig(...) or sparsify the model with sparse_nlp.")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, layer in self.layers if id(layer.weight) not in held]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not hold the weights of {len(missing)} sparse layer(s) (e.g. {missing[0]}); "
+                "build the optimizer from model.parameters() after sparsify()."
+            )
+        self.config = config
+        self.optimizer = optimizer
+        self.method = get_method(config.method)
+        self.schedule = None
+        if self.method.updates_topology:
+            if total_steps is None or total_steps < 1:
+                raise ValueError(
+                    f"method {config.method!r} schedules its updates over training: pass total_steps=<number of "
+                    "optimizer steps>."
+                )
+            self.schedule = TopologySchedule(
+                total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay, config.update_end_fraction
+            )
+        self.momentum = MomentumTracker(optimizer, [layer.weight for _, layer in self.layers], config.momentum_beta)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)  # growth draws; distinct from the init's
+        self.step_count = 0
+        self.update_count = 0
+
+    # ---- training-loop hooks -------------------------------------------------------------------------------
+    def step(self) -> Optional[dict]:
+        """After each optimizer step. Returns the update's statistics when the topology changed, else None."""
+        self.apply_masks()
+        if self.method.needs_momentum:
+            self.momentum.observe()
+        self.step_count += 1
+        if self.schedule is not None and self.schedule.is_update_step(self.step_count):
+            return self.update()
+        return None
+
+    def apply_masks(self) -> None:
+        for _, layer in self.layers:
+            layer.apply_mask()
+
+    @torch.no_grad()
+    def update(self) -> dict:
+        """Update the topology now (prune, redistribute, grow). Returns per-update statistics."""
+        if self.schedule is None:  # static: the mask never changes
+            return {"prune_rate": 0.0, "pruned": 0, "grown": 0}
+        prune_rate = self.schedule.prune_rate_at(self.step_count)
+        states = [self._layer_state(i, name, layer) for i, (name, layer) in enumerate(self.layers)]
+        plans = self.method.plan(states, prune_rate, self.schedule.progress(self.step_count))
+        for i, (state, plan) in enumerate(zip(states, plans)):
+            expected = state.nonzeros - plan.prune + plan.grow
+            prune_scores = self.method.prune_scores(state)
+            grow_scores = self.method.grow_scores(state) if plan.grow else None
+            grown = update_layer_topology(state, plan, prune_scores, grow_scores)
+            self.momentum.reset(i, grown)
+            if state.nonzeros != expected:  # cannot happen unless a method breaks the contract: fail loudly
+                raise RuntimeError(f"{state.name}: {state.nonzeros} active weights after update, planned {expected}.")
+        if is_distributed():
+            for i, changed in enumerate(broadcast_masks([layer.mask for _, layer in self.layers])):
+                self.momentum.reset(i, changed)
+        self.apply_masks()
+        self.update_count += 1
+        return {
+            "prune_rate": prune_rate,
+            "pruned": sum(p.prune for p in plans),
+            "grown": sum(p.grow for p in plans),
+        }
+
+    def _layer_state(self, index: int, name: str, layer) -> LayerState:
+        gradient = None
+        if self.method.needs_gradient:
+            gradient = layer.weight.grad
+            if gradient is None:
+                raise ValueError(
+                    f"method {self.config.method!r} grows by gradient but {name} has none: call controller.step() "
+                    "after optimizer.step() and before optimizer.zero_grad()."
+                )
+        return LayerState(
+            name=name,
+            weight=layer.weight.data,
+            mask=layer.mask,
+            momentum=self.momentum.momentum(index) if self.method.needs_momentum else None,
+            gradient=gradient,
+            target_nonzeros=layer.target_nonzeros,
+            generator=self.generator,
+        )
+
+    # ---- reporting -----------------------------------------------------------------------------------------
+    def report(self) -> list[LayerReport]:
+        return [LayerReport(name, tuple(layer.mask.shape), layer.nonzeros, layer.density) for name, layer in self.layers]
+
+    def density(self) -> float:
+        """Overall density of the sparse layers."""
+        return sum(l.nonzeros for _, l in self.layers) / sum(l.mask.numel() for _, l in self.layers)
+
+    def prune_rate(self) -> float:
+        return self.schedule.prune_rate_at(self.step_count) if self.schedule is not None else 0.0
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Controller state. The masks themselves are buffers in the model's ``state_dict``."""
+        return {
+            "config": self.config.to_dict(),
+            "step_count": self.step_count,
+            "update_count": self.update_count,
+            "generator": self.generator.get_state(),
+            "momentum": self.momentum.state_dict(),
+            "layers": {name: {"shape": list(layer.mask.shape), "nonzeros": layer.nonzeros} for name, layer in self.layers},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore; load the model's state_dict (masks) first. Refuses state from another model or density."""
+        saved = state["config"]
+        for key in ("density", "method", "distribution"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ValueError(
+                    f"checkpoint was made with {key}={saved.get(key)!r} but this run has {key}="
+                    f"{getattr(self.config, key)!r}; resume with the same sparsity settings."
+                )
+        ours = {name: list(layer.mask.shape) for name, layer in self.layers}
+        theirs = {name: entry["shape"] for name, entry in state["layers"].items()}
+        if ours != theirs:
+            differing = sorted((set(ours) ^ set(theirs)) or {n for n in ours if ours[n] != theirs[n]})
+            raise ValueError(
+                f"checkpoint is from a different model: sparse layers differ (e.g. {differing[0]}); "
+                "resume with the model the checkpoint was trained with."
+            )
+        for name, layer in self.layers:
+            if layer.nonzeros != state["layers"][name]["nonzeros"]:
+                raise ValueError(
+                    f"{name} holds {layer.nonzeros} active weights but the checkpoint says "
+                    f"{state['layers'][name]['nonzeros']}; load the model's state_dict (with its masks) first."
+                )
+        self.step_count = state["step_count"]
+        self.update_count = state["update_count"]
+        self.generator.set_state(state["generator"])
+        self.momentum.load_state_dict(state["momentum"])

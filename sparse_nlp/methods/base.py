@@ -1,0 +1,109 @@
+"""The one topology update every method shares, and the strategy interface methods fill in.
+
+A topology update, per layer: prune the ``plan.prune`` active weights with the lowest prune score, then grow
+``plan.grow`` weights at the absent positions (just-pruned ones included) with the highest grow score. Pruned and
+grown weights are set to exactly 0, so a grown weight starts at 0. Methods differ only in their scores and in how
+many weights each layer prunes and grows (their ``plan``), as in RigL's ``generic_mask_update``.
+
+Selection is by index over the candidate set, so the counts are always exact and a NaN or infinite score can
+change *which* weights are picked but never how many, nor pick a position outside the candidates.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class LayerState:
+    """What a method may look at for one layer. Tensors share the layer's stored layout ([out,in] or [in,out])."""
+
+    name: str
+    weight: torch.Tensor
+    mask: torch.Tensor  # bool
+    momentum: Optional[torch.Tensor]  # set when the method needs_momentum
+    gradient: Optional[torch.Tensor]  # set when the method needs_gradient
+    target_nonzeros: int  # the layer's planned final number of active weights
+    generator: torch.Generator  # CPU generator for random choices (same seed on every rank)
+
+    @property
+    def nonzeros(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def numel(self) -> int:
+        return self.mask.numel()
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    prune: int
+    grow: int
+
+
+def prune_count(prune_rate: float, nonzeros: int) -> int:
+    """``ceil(prune_rate * nonzeros)`` as the reference, without float noise turning 3.0000001 into 4."""
+    return min(nonzeros, math.ceil(prune_rate * nonzeros - 1e-9))
+
+
+class TopologyMethod:
+    """A sparsity method: scores and a plan over the shared update. Subclass and register to add your own."""
+
+    name: ClassVar[str] = ""
+    needs_momentum: ClassVar[bool] = False  # controller supplies LayerState.momentum
+    needs_gradient: ClassVar[bool] = False  # controller supplies LayerState.gradient (dense)
+    updates_topology: ClassVar[bool] = True  # False: the mask never changes after sparsify
+    starts_dense: ClassVar[bool] = False  # True: sparsify starts from all-ones masks (gradual pruning)
+
+    def plan(self, layers: Sequence[LayerState], prune_rate: float, progress: float) -> list[LayerPlan]:
+        """How many weights each layer prunes and grows. Default: regrow in place what was pruned."""
+        plans = []
+        for layer in layers:
+            n = prune_count(prune_rate, layer.nonzeros)
+            plans.append(LayerPlan(prune=n, grow=n))
+        return plans
+
+    def prune_scores(self, layer: LayerState) -> torch.Tensor:
+        """Lowest scores are pruned first. Default: weight magnitude."""
+        return layer.weight.abs()
+
+    def grow_scores(self, layer: LayerState) -> torch.Tensor:
+        """Highest scores among absent positions are grown first."""
+        raise NotImplementedError(f"{type(self).__name__} must define grow_scores")
+
+
+def _lowest(candidates: torch.Tensor, scores: torch.Tensor, count: int, descending: bool) -> torch.Tensor:
+    """The ``count`` candidate indices ordered first by score (stable: lower index wins ties)."""
+    if count == 0 or candidates.numel() == 0:
+        return candidates[:0]
+    picked = torch.nan_to_num(scores.reshape(-1)[candidates].float(), nan=-math.inf)
+    order = torch.sort(picked, descending=descending, stable=True).indices
+    return candidates[order[:count]]
+
+
+@torch.no_grad()
+def update_layer_topology(
+    layer: LayerState, plan: LayerPlan, prune_scores: torch.Tensor, grow_scores: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Prune then grow in place (mask and weight). Returns the flat indices of the grown positions."""
+    mask, weight = layer.mask.view(-1), layer.weight.view(-1)
+    active = mask.nonzero().squeeze(1)
+    if plan.prune > active.numel():
+        raise ValueError(f"{layer.name}: cannot prune {plan.prune} of {active.numel()} active weights.")
+    # NaN prune scores rank lowest: a NaN weight is the first to go.
+    pruned = _lowest(active, prune_scores, plan.prune, descending=False)
+    mask[pruned] = False
+    weight[pruned] = 0
+    absent = (~mask).nonzero().squeeze(1)
+    if plan.grow > absent.numel():
+        raise ValueError(f"{layer.name}: cannot grow {plan.grow} weights into {absent.numel()} free positions.")
+    if plan.grow and grow_scores is None:
+        raise ValueError(f"{layer.name}: the plan grows weights but the method gave no grow scores.")
+    # NaN grow scores rank lowest: they are grown only when nothing else is left.
+    grown = _lowest(absent, grow_scores, plan.grow, descending=True) if plan.grow else absent[:0]
+    mask[grown] = True
+    weight[grown] = 0
+    return grown

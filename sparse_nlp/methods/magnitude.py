@@ -1,0 +1,23 @@
+"""Gradual magnitude pruning (Zhu & Gupta, 2017): from dense to the target density, nothing regrown.
+
+At training progress p in [0, 1] (1 at the last topology update) a layer keeps
+``target + (numel - target) * (1 - p)^3`` weights: the cubic schedule prunes fast early and gently at the end.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from sparse_nlp.methods.base import LayerPlan, LayerState, TopologyMethod
+
+
+def scheduled_nonzeros(layer: LayerState, progress: float) -> int:
+    p = min(max(progress, 0.0), 1.0)
+    return round(layer.target_nonzeros + (layer.numel - layer.target_nonzeros) * (1.0 - p) ** 3)
+
+
+class GradualMagnitude(TopologyMethod):
+    name = "magnitude"
+    starts_dense = True
+
+    def plan(self, layers: Sequence[LayerState], prune_rate: float, progress: float) -> list[LayerPlan]:
+        return [LayerPlan(prune=max(0, layer.nonzeros - scheduled_nonzeros(layer, progress)), grow=0) for layer in layers]

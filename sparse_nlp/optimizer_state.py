@@ -1,0 +1,77 @@
+"""Reading momentum from any optimizer, and resetting its state where weights are regrown.
+
+- SGD with momentum: ``momentum_buffer``.
+- Adam / AdamW (anything with ``exp_avg`` and ``exp_avg_sq``): ``exp_avg / (sqrt(exp_avg_sq) + eps)``, as the
+  reference implementation does.
+- Any other optimizer (Adagrad, RMSprop, plain SGD, ...): an exponential average of gradients kept here.
+The optimizer itself is never wrapped or patched: its state is read, and zeroed at regrown positions.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+ADAM_EPS = 1e-8
+
+
+def optimizer_momentum(state: dict) -> Optional[torch.Tensor]:
+    """The momentum an optimizer keeps for one parameter, or None if it keeps none."""
+    if isinstance(state.get("exp_avg"), torch.Tensor) and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+        return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + ADAM_EPS)
+    if isinstance(state.get("momentum_buffer"), torch.Tensor):
+        return state["momentum_buffer"]
+    return None
+
+
+class MomentumTracker:
+    """Momentum per parameter: the optimizer's own where it has one, else a gradient average kept here."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], beta: float):
+        self.optimizer = optimizer
+        self.params = list(params)
+        self.beta = beta
+        self.gradient_average: dict[int, torch.Tensor] = {}  # by index into params
+
+    def _needs_own_average(self, param: torch.nn.Parameter) -> bool:
+        return optimizer_momentum(self.optimizer.state.get(param, {})) is None
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """Fold this step's gradients into the averages of parameters whose optimizer keeps no momentum."""
+        for i, param in enumerate(self.params):
+            if param.grad is None or not self._needs_own_average(param):
+                continue
+            grad = param.grad.detach()
+            if i not in self.gradient_average:
+                self.gradient_average[i] = torch.zeros_like(grad)
+            self.gradient_average[i].mul_(self.beta).add_(grad, alpha=1 - self.beta)
+
+    def momentum(self, index: int) -> torch.Tensor:
+        param = self.params[index]
+        found = optimizer_momentum(self.optimizer.state.get(param, {}))
+        if found is not None:
+            return found
+        if index in self.gradient_average:
+            return self.gradient_average[index]
+        return torch.zeros_like(param)  # nothing observed yet: no position is preferred
+
+    @torch.no_grad()
+    def reset(self, index: int, flat_positions: torch.Tensor) -> None:
+        """Zero every optimizer slot of the parameter's shape (AdamW: exp_avg and exp_avg_sq) at these positions."""
+        if flat_positions.numel() == 0:
+            return
+        param = self.params[index]
+        for value in self.optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value.view(-1)[flat_positions] = 0
+        if index in self.gradient_average:
+            self.gradient_average[index].view(-1)[flat_positions] = 0
+
+    def state_dict(self) -> dict:
+        return {"gradient_average": {i: t.clone() for i, t in self.gradient_average.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gradient_average = {
+            int(i): t.to(self.params[int(i)].device) for i, t in state.get("gradient_average", {}).items()
+        }

@@ -1,0 +1,43 @@
+"""When the topology changes and by how much: update steps, prune-rate decay, training progress."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TopologySchedule:
+    total_steps: int  # optimizer steps in the whole run
+    update_interval: int  # optimizer steps between topology updates
+    prune_rate: float  # prune rate at step 0
+    decay: str = "cosine"  # "cosine": to 0 at the end of the update window, as the reference; "constant"
+    end_fraction: float = 1.0  # updates stop after this fraction of training
+
+    def __post_init__(self):
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be at least 1, got {self.total_steps}.")
+
+    @property
+    def end_step(self) -> int:
+        """The step at which the prune rate has decayed to 0; no update happens after it."""
+        return max(1, math.floor(self.total_steps * self.end_fraction))
+
+    @property
+    def last_update_step(self) -> int:
+        """The last step that updates the topology (0: none does)."""
+        return (self.end_step // self.update_interval) * self.update_interval
+
+    def is_update_step(self, step: int) -> bool:
+        return 0 < step <= self.last_update_step and step % self.update_interval == 0
+
+    def prune_rate_at(self, step: int) -> float:
+        if self.decay == "constant":
+            return self.prune_rate
+        fraction = min(step / self.end_step, 1.0)
+        return 0.5 * self.prune_rate * (1.0 + math.cos(math.pi * fraction))
+
+    def progress(self, step: int) -> float:
+        """0 at the start, 1 at the last topology update (gradual pruning reaches its target there)."""
+        if self.last_update_step == 0:
+            return 1.0
+        return min(step / self.last_update_step, 1.0)
