@@ -23,8 +23,7 @@ class SparseLinear(nn.Module):
         self.base_layer = base_layer
         self.weight_is_in_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores [in, out]
         self.register_buffer("mask", mask.to(device=base_layer.weight.device, dtype=torch.bool))
-        with torch.no_grad():
-            base_layer.weight.mul_(self.mask)
+        self.apply_mask()
 
     @property
     def weight(self) -> nn.Parameter:
@@ -52,8 +51,8 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def apply_mask(self) -> None:
-        """Zero the weights at masked positions (after every optimizer step)."""
-        self.base_layer.weight.mul_(self.mask)
+        """Zero the weights at masked positions (after every optimizer step); NaN there becomes 0 too."""
+        self.base_layer.weight.masked_fill_(~self.mask, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return masked_linear(x, self.weight, self.mask, self.bias, self.weight_is_in_out)

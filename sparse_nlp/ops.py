@@ -16,7 +16,7 @@ import torch.nn.functional as F
 class _StraightThroughMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return weight * mask
+        return torch.where(mask, weight, 0)  # not weight * mask: NaN * 0 would leak NaN from absent weights
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -24,7 +24,7 @@ class _StraightThroughMask(torch.autograd.Function):
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``weight * mask`` whose gradient w.r.t. ``weight`` is dense."""
+    """``weight`` with absent positions 0, whose gradient w.r.t. ``weight`` is dense."""
     return _StraightThroughMask.apply(weight, mask)
 
 
