@@ -22,3 +22,15 @@ __all__ = [
     "sparsify",
     "unsparsify",
 ]
+
+# Trainer integration, imported on first use: transformers.Trainer takes seconds to import.
+_LAZY = {"SparseTrainer": "sparse_nlp.trainer", "SparsityCallback": "sparse_nlp.callback"}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sparse_nlp' has no attribute {name!r}")

@@ -1,0 +1,109 @@
+"""`SparsityCallback`: sparse training inside any `transformers.Trainer`, as a thin callback.
+
+    trainer = Trainer(model=sparsify(model, 0.2), args=args, ..., callbacks=[SparsityCallback()])
+
+- ``on_train_begin``: builds the :class:`SparsityController` over the Trainer's optimizer (it exists by then) with
+  ``total_steps = state.max_steps``; on a resumed run it restores the controller from the checkpoint.
+- ``on_optimizer_step``: one controller step per *real* optimizer step. It runs after ``optimizer.step()`` and
+  before ``zero_grad`` (gradient-growing methods need the gradient), once per gradient-accumulation cycle. A step
+  the fp16 grad scaler skipped (inf/NaN gradients) changed no weight and is not a topology step.
+- ``on_save``: writes ``sparsity_controller.pt`` beside the model in each checkpoint. The masks themselves are
+  buffers, saved in ``model.safetensors`` with the weights.
+- Logging: ``sparsity/density``, ``sparsity/prune_rate``, ``sparsity/updates`` and, on the first log after each
+  topology update, one ``sparsity/<layer>`` density per layer. :class:`SparseTrainer` adds them to the logs before
+  they reach ``report_to`` (TensorBoard, ...); with a plain Trainer this callback adds them in ``on_log``, which
+  reaches ``trainer.state.log_history`` and callbacks after it but not the reporters that ran before it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from sparse_nlp.config import SparsityConfig
+from sparse_nlp.controller import SparsityController
+
+CONTROLLER_FILE = "sparsity_controller.pt"  # controller state, inside each checkpoint folder
+DENSITY_KEY = "sparsity/density"
+
+
+class SparsityCallback(TrainerCallback):
+    def __init__(self, config: Optional[SparsityConfig] = None, *, log_layer_densities: bool = True):
+        self.config = config  # None: the config sparsify() stored on the model
+        self.log_layer_densities = log_layer_densities
+        self.controller: Optional[SparsityController] = None
+        self.resume_from_checkpoint: Optional[str] = None  # set by SparseTrainer.train; else found in output_dir
+        self.skipped_steps = 0  # optimizer steps skipped by the grad scaler (not topology steps)
+        self._layers_changed = True  # log per-layer densities at the next log
+
+    # ---- training events -----------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+        self.controller = SparsityController(model, optimizer, self.config, total_steps=state.max_steps)
+        self.skipped_steps = 0
+        self._layers_changed = True
+        if state.global_step > 0:  # resuming: the Trainer has already loaded weights, masks and optimizer state
+            self._load(self._checkpoint_folder(args, state))
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.controller is None:
+            raise RuntimeError("SparsityCallback: optimizer step before on_train_begin; use it through Trainer.train().")
+        if getattr(optimizer, "step_was_skipped", False):  # the grad scaler found inf/NaN: no weight changed
+            self.skipped_steps += 1
+            return
+        if self.controller.step() is not None:
+            self._layers_changed = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.controller is None or not args.should_save:  # under DDP every rank holds the same state: rank 0 writes
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(self.state_dict(), os.path.join(folder, CONTROLLER_FILE))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Plain-Trainer fallback; SparseTrainer.log has added the metrics already (then this does nothing).
+        if logs is None or "loss" not in logs or DENSITY_KEY in logs or self.controller is None:
+            return
+        metrics = self.log_metrics()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+    # ---- logging -------------------------------------------------------------------------------------------
+    def log_metrics(self) -> dict[str, float]:
+        """Sparsity metrics for the next training log (per-layer densities only after a topology change)."""
+        if self.controller is None:
+            return {}
+        metrics = {
+            DENSITY_KEY: self.controller.density(),
+            "sparsity/prune_rate": self.controller.prune_rate(),
+            "sparsity/updates": self.controller.update_count,
+        }
+        if self.log_layer_densities and self._layers_changed:
+            metrics.update({f"sparsity/{r.name}": r.density for r in self.controller.report()})
+            self._layers_changed = False
+        return metrics
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"controller": self.controller.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def _checkpoint_folder(self, args, state) -> str:
+        if self.resume_from_checkpoint is not None:
+            return self.resume_from_checkpoint
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    def _load(self, folder: str) -> None:
+        path = os.path.join(folder, CONTROLLER_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"cannot resume the sparse run: {path} does not exist (a checkpoint of a dense run, or not this "
+                "run's folder? with a plain Trainer, set callback.resume_from_checkpoint to the checkpoint folder)."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.controller.load_state_dict(state["controller"])
+        self.skipped_steps = state.get("skipped_steps", 0)
