@@ -63,9 +63,9 @@ def load_or_train_bpe_tokenizer(
     if not (folder / TRAINING_INFO).is_file():
         start = time.perf_counter()
         tokenizer = train_bpe_tokenizer(_texts(train_split), vocab_size, length=len(train_split))
+        seconds = round(time.perf_counter() - start, 2)
         info = {"recipe": RECIPE_VERSION, "vocab_size": vocab_size, "records": len(train_split),
-                "characters": sum(len(text) for text in _texts(train_split)),
-                "training_seconds": round(time.perf_counter() - start, 2)}
+                "characters": sum(len(text) for text in _texts(train_split)), "training_seconds": seconds}
         _save_atomically(tokenizer, info, folder)
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
