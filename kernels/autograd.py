@@ -1,0 +1,66 @@
+"""block_sparse_linear: y = x W^T + bias with W block-sparse, differentiable w.r.t. x, W.values and bias.
+
+The backward is built from the other two products: dX = dds(dY, W) walks W's column-major order (no transposed
+copy of W), dW = sdd(dY^T, X) computes only the live blocks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from .layout import BlockSparseLayout, BlockSparseMatrix
+
+
+class BlockSparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, bias, layout: BlockSparseLayout, backend: str):  # x: [M, K]
+        w = BlockSparseMatrix(values, layout)
+        y = ops.dds(x, w, transpose_b=True, bias=bias, backend=backend)  # [M, N]
+        ctx.save_for_backward(x, values)
+        ctx.layout, ctx.backend = layout, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # grad_y: [M, N]
+        x, values = ctx.saved_tensors
+        grad_y = grad_y.contiguous() if grad_y.stride(-1) != 1 else grad_y  # e.g. expanded grads of .sum()
+        w = BlockSparseMatrix(values, ctx.layout)
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.dds(grad_y, w, transpose_b=False, backend=ctx.backend)  # [M, K]
+        if ctx.needs_input_grad[1]:
+            grad_values = ops.sdd(grad_y.t(), x, ctx.layout, backend=ctx.backend).values  # [nnz, b, b]
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_values, grad_bias, None, None
+
+
+def block_sparse_linear(
+    x: torch.Tensor,
+    weight: BlockSparseMatrix,
+    bias: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N] = x @ W^T + bias, W a BlockSparseMatrix of shape [N, K] (nn.Linear layout).
+
+    backend: None picks automatically (CUDA -> "triton", CPU -> "torch", or "dense" above
+    ops.DENSE_THRESHOLD density); "triton" / "torch" / "dense" force one (see ops.py).
+    """
+    if not isinstance(weight, BlockSparseMatrix):
+        raise ValueError(f"weight must be a BlockSparseMatrix, got {type(weight).__name__}")
+    n, k = weight.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)} but the weight {weight.shape} expects last dim {k}")
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(
+            f"x is {x.dtype} on {x.device} but the weight is {weight.dtype} on {weight.device}; "
+            "cast/move one to match"
+        )
+    ops.check_bias(bias, n, weight.dtype, weight.device)
+    backend = ops.resolve_backend(backend, x.device, weight.layout.density)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)  # leading batch dims flattened: a view when x is contiguous
+    y = BlockSparseLinearFunction.apply(x2, weight.values, bias, weight.layout, backend)
+    return y.view(*lead, n)

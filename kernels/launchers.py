@@ -1,0 +1,147 @@
+"""Triton launchers: pick tiles, allocate (or take) `out`, launch. No input checks here (ops.py does them).
+
+They run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how the tests run them).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .layout import BlockSparseLayout, BlockSparseMatrix
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels():
+    from . import triton_kernels  # lazy: triton is optional for `import sparse_nlp.kernels`
+
+    return triton_kernels
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The interpreter's bf16 (and fp16 dot) arithmetic is wrong: upcast right after tl.load there, never on GPU.
+    return interpreting() and dtype != torch.float32
+
+
+def _kernel_out(out: torch.Tensor) -> torch.Tensor:
+    """Where the kernel stores: `out`, or an fp32 stand-in under the interpreter, whose fp32->bf16 cast truncates
+    instead of rounding; `_finish` then rounds it into `out` with torch."""
+    return out.float() if _upcast(out.dtype) else out
+
+
+def _finish(kernel_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if kernel_out is not out:
+        out.copy_(kernel_out)
+    return out
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own matmul setting, so "faster than dense" compares like with like.
+    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _dds_tiles(block: int) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, num_stages); one config, no autotune (multi-config autotune fails in the interpreter)."""
+    if block == 128:
+        return 64, 8, 3  # acc 64x128 fp32 = 32 KiB of registers across 8 warps
+    if block == 64:
+        return 128, 4, 3
+    return 128, 4, 4  # 16/32: short inner tiles, deeper pipeline hides the index loads
+
+
+def dds(
+    a: torch.Tensor,
+    b: BlockSparseMatrix,
+    transpose_b: bool,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """out [M, N_out] = a [M, K_in] @ (b^T if transpose_b else b) (+ bias); b is the sparse operand."""
+    layout = b.layout
+    blk = layout.block_size
+    m = a.shape[0]
+    n_out = layout.shape[0] if transpose_b else layout.shape[1]
+    if out is None:
+        out = torch.empty(m, n_out, dtype=a.dtype, device=a.device)
+    if m == 0:
+        return out
+    v = b.values
+    if transpose_b:  # Y = X W^T: walk block-rows of W; tile[k, n] = W_block[n, k]
+        offsets, inner, perm = layout.row_offsets, layout.col_indices, layout.row_offsets  # perm unused
+        stride_vk, stride_vn, has_perm = v.stride(2), v.stride(1), False
+    else:  # dX = dY W: walk block-columns of W through the column-major permutation; tile = W_block
+        offsets, inner, perm = layout.col_offsets, layout.transpose_row_indices, layout.transpose_perm
+        stride_vk, stride_vn, has_perm = v.stride(1), v.stride(2), True
+    block_m, warps, stages = _dds_tiles(blk)
+    grid = (n_out // blk, triton_cdiv(m, block_m))
+    kout = _kernel_out(out)
+    _kernels().dds_kernel[grid](
+        a, v, kout, bias if bias is not None else kout,
+        offsets, inner, perm,
+        m,
+        a.stride(0), a.stride(1),
+        v.stride(0), stride_vk, stride_vn,
+        kout.stride(0), kout.stride(1),
+        HAS_PERM=has_perm, HAS_BIAS=bias is not None, UPCAST=_upcast(a.dtype),
+        INPUT_PRECISION=_input_precision(a.dtype), BLOCK=blk, BLOCK_M=block_m,
+        num_warps=warps, num_stages=stages,
+    )
+    return _finish(kout, out)
+
+
+def _num_splits(num_blocks: int, m: int, device: torch.device) -> int:
+    """Split the M reduction when live blocks alone would leave SMs idle (aim: ~4 programs per SM)."""
+    if device.type != "cuda" or num_blocks == 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-4 * sms // num_blocks)
+    return max(1, min(want, m // 1024))  # keep >= 1024 rows per split so partials stay cheap
+
+
+def sdd(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    layout: BlockSparseLayout,
+    out: Optional[torch.Tensor] = None,
+    num_splits: Optional[int] = None,
+) -> torch.Tensor:
+    """values [num_blocks, blk, blk] of (a [N, M] @ b [M, K]) on the live blocks of `layout`."""
+    blk = layout.block_size
+    m = a.shape[1]
+    nnz = layout.num_blocks
+    if out is None:
+        out = torch.empty(nnz, blk, blk, dtype=a.dtype, device=a.device)
+    if nnz == 0:
+        return out
+    if m == 0:
+        return out.zero_()
+    splits = num_splits or _num_splits(nnz, m, a.device)
+    block_m = 64 if blk == 128 else 128
+    per_split = triton_cdiv(triton_cdiv(m, splits), block_m) * block_m
+    splits = triton_cdiv(m, per_split)
+    partial = _kernel_out(out) if splits == 1 else torch.empty(splits, nnz, blk, blk, dtype=torch.float32, device=a.device)
+    stride_os = 0 if splits == 1 else partial.stride(0)
+    pstrides = partial.stride()[-3:]
+    _kernels().sdd_kernel[(nnz, splits)](
+        a, b, partial,
+        layout.row_indices, layout.col_indices,
+        m, per_split,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1),
+        stride_os, *pstrides,
+        UPCAST=_upcast(a.dtype), INPUT_PRECISION=_input_precision(a.dtype), BLOCK=blk, BLOCK_M=block_m,
+        num_warps=8 if blk == 128 else 4, num_stages=3,
+    )
+    if splits > 1:
+        return out.copy_(partial.sum(0))
+    return _finish(partial, out)
+
+
+def triton_cdiv(x: int, y: int) -> int:
+    return -(-x // y)

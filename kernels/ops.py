@@ -1,0 +1,148 @@
+"""The three products of a block-sparse linear layer, in stk naming (layout of output, left, right operand):
+
+    dds(a, w, transpose_b)  dense  = dense a @ sparse w (or w^T)      Y = dds(X, W, True), dX = dds(dY, W)
+    dsd(w, b, transpose_a)  dense  = sparse w (or w^T) @ dense b      Y^T = dsd(W, X^T)
+    sdd(a, b, layout)       sparse = dense a @ dense b, live blocks   dW = sdd(dY^T, X, W.layout)
+
+Each checks its inputs (one-line ValueErrors) and dispatches to a backend:
+
+    "triton"  Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, as the tests do)
+    "torch"   the blocked pure-torch path (cpu.py): gathered GEMMs over block-rows, any device
+    "dense"   masked dense: build W densely, one GEMM (faster than "torch" at high density)
+    None      automatic: CUDA -> "triton"; CPU -> "torch" at density <= DENSE_THRESHOLD, else "dense"
+
+These ops are not differentiable; `block_sparse_linear` (autograd.py) is.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import cpu
+from .layout import BlockSparseLayout, BlockSparseMatrix
+
+# CPU: above this density the masked-dense GEMM beats the blocked path (docs/kernels.md: at density 0.5 blocked
+# fwd+bwd ran ~0.9-1.2x dense with 64-blocks, at 0.2 ~3x), so "auto" switches to "dense" here.
+DENSE_THRESHOLD = 0.4
+BACKENDS = ("triton", "torch", "dense")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, density: float) -> str:
+    """The backend a call will use: `backend` if given (checked), else the automatic choice."""
+    if backend is None or backend == "auto":
+        if device.type == "cuda":
+            return "triton"
+        return "dense" if density > DENSE_THRESHOLD else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for automatic")
+    if backend == "triton" and device.type != "cuda":
+        from .launchers import interpreting
+
+        if not interpreting():
+            raise ValueError(
+                f"backend='triton' got {device.type} tensors; Triton needs CUDA tensors "
+                "(or TRITON_INTERPRET=1 set before import, for tests); use backend='torch' on CPU"
+            )
+    return backend
+
+
+def _check_dense(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} is {t.dtype} but the sparse weight is {dtype}; cast one to match")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the sparse weight is on {device}; move one to match")
+
+
+def _check_triton_dtype(backend: str, dtype: torch.dtype) -> None:
+    if backend == "triton" and dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' supports {TRITON_DTYPES}, got {dtype}; use backend='torch'")
+
+
+def check_bias(bias: Optional[torch.Tensor], n: int, dtype: torch.dtype, device: torch.device) -> None:
+    if bias is None:
+        return
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias.dtype != dtype or bias.device != device:
+        raise ValueError(
+            f"bias is {bias.dtype} on {bias.device} but the weight is {dtype} on {device}; cast/move it to match"
+        )
+
+
+def dds(
+    a: torch.Tensor,
+    b: BlockSparseMatrix,
+    transpose_b: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Dense = dense `a` [M, *] @ sparse `b` (b^T when transpose_b), plus `bias` over output columns.
+
+    With b = W [N, K]: transpose_b=True is the forward Y = X W^T (a is [M, K], out [M, N]);
+    transpose_b=False is dX = dY W (a is [M, N], out [M, K]).
+    """
+    if not isinstance(b, BlockSparseMatrix):
+        raise ValueError(f"b must be a BlockSparseMatrix, got {type(b).__name__}")
+    _check_dense("a", a, b.dtype, b.device)
+    n, k = b.shape
+    inner, n_out = (k, n) if transpose_b else (n, k)
+    if a.shape[1] != inner:
+        raise ValueError(
+            f"a has {a.shape[1]} columns but the sparse operand{'^T' if transpose_b else ''} has {inner} rows "
+            f"(weight shape {b.shape}); pass transpose_b={not transpose_b} or fix the input"
+        )
+    check_bias(bias, n_out, b.dtype, b.device)
+    backend = resolve_backend(backend, a.device, b.layout.density)
+    _check_triton_dtype(backend, a.dtype)
+    if backend == "triton":
+        from . import launchers
+
+        return launchers.dds(a, b, transpose_b, bias)
+    if backend == "dense":
+        return cpu.dense_dds(a, b, transpose_b, bias)
+    return cpu.blocked_dds(a, b, transpose_b, bias)
+
+
+def dsd(
+    a: BlockSparseMatrix, b: torch.Tensor, transpose_a: bool = False, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Dense = sparse `a` (a^T when transpose_a) @ dense `b`. Computed as (b^T @ a^T)^T, a transposed view."""
+    if not isinstance(a, BlockSparseMatrix):
+        raise ValueError(f"a must be a BlockSparseMatrix, got {type(a).__name__}")
+    if b.dim() != 2:
+        raise ValueError(f"b must be 2-D, got shape {tuple(b.shape)}")
+    return dds(b.t(), a, transpose_b=not transpose_a, backend=backend).t()
+
+
+def sdd(
+    a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout, backend: Optional[str] = None
+) -> BlockSparseMatrix:
+    """Sparse = dense `a` [N, M] @ dense `b` [M, K], computed only on the live blocks of `layout` ([N, K]).
+
+    dW of a linear layer is sdd(dY.t(), X, W.layout): strided views are fine, nothing is copied to transpose.
+    """
+    if not isinstance(layout, BlockSparseLayout):
+        raise ValueError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"a and b must be 2-D, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"a is {a.dtype} on {a.device}, b is {b.dtype} on {b.device}; make them match")
+    if a.device != layout.device:
+        raise ValueError(f"inputs are on {a.device} but the layout is on {layout.device}; use layout.to(device)")
+    if (a.shape[0], b.shape[1]) != tuple(layout.shape) or a.shape[1] != b.shape[0]:
+        raise ValueError(
+            f"a {tuple(a.shape)} @ b {tuple(b.shape)} does not give the layout's shape {layout.shape}"
+        )
+    backend = resolve_backend(backend, a.device, layout.density)
+    _check_triton_dtype(backend, a.dtype)
+    if backend == "triton":
+        from . import launchers
+
+        return BlockSparseMatrix(launchers.sdd(a, b, layout), layout)
+    if backend == "dense":
+        return cpu.dense_sdd(a, b, layout)
+    return cpu.blocked_sdd(a, b, layout)
