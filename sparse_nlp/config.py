@@ -7,6 +7,8 @@ from typing import Optional
 
 DISTRIBUTIONS = ("uniform", "erk")
 INITS = ("random", "magnitude")
+BLOCK_SIZES = (1, 16, 32, 64, 128)  # 1 = fine-grained; the others are the block-sparse kernels' sizes
+BLOCK_MOMENTA = ("exact", "fast")
 DENSE = "dense"  # not a sparsity method: recipes train the dense baseline when they see it
 
 
@@ -56,6 +58,23 @@ class SparsityConfig:
         metadata={"help": "Decay of the gradient average used as momentum when the optimizer keeps no momentum."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for the initial masks and random growth."})
+    block_size: int = field(
+        default=1,
+        metadata={
+            "help": "1: fine-grained masks. 16/32/64/128: block-sparse layers that store, compute and move whole "
+            "blocks (faster than dense; layer dims must divide by it)."
+        },
+    )
+    block_momentum: str = field(
+        default="fast",
+        metadata={
+            "help": "Momentum of absent blocks (block_size > 1). exact: dense weight gradient every step, like the "
+            "reference. fast: dense gradient only in a short window before each update, sparse otherwise."
+        },
+    )
+    momentum_window: int = field(
+        default=10, metadata={"help": "With block_momentum=fast: steps of dense gradients before each update."}
+    )
 
     def __post_init__(self):
         from sparse_nlp.methods import known_methods  # late import: methods import the config
@@ -79,6 +98,12 @@ class SparsityConfig:
             raise ValueError(f"update_end_fraction must be in (0, 1], got {self.update_end_fraction!r}.")
         if not 0 <= self.momentum_beta < 1:
             raise ValueError(f"momentum_beta must be in [0, 1), got {self.momentum_beta!r}.")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}.")
+        if self.block_momentum not in BLOCK_MOMENTA:
+            raise ValueError(f"unknown block_momentum {self.block_momentum!r}; choose exact or fast.")
+        if int(self.momentum_window) != self.momentum_window or self.momentum_window < 1:
+            raise ValueError(f"momentum_window must be a positive integer, got {self.momentum_window!r}.")
         if self.target_modules is not None and self.target_regex is not None:
             raise ValueError("give either target_modules or target_regex, not both.")
 

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from sparse_nlp.block_layers import BlockSparseLinear
+from sparse_nlp.block_topology import block_layer_state
 from sparse_nlp.config import SparsityConfig
 from sparse_nlp.distributed import broadcast_masks, is_distributed
 from sparse_nlp.methods import LayerState, get_method, update_layer_topology
@@ -62,21 +64,58 @@ class SparsityController:
             self.schedule = TopologySchedule(
                 total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay, config.update_end_fraction
             )
+        self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
+        if self.block_layers and is_distributed():
+            raise ValueError(
+                "block-sparse layers resize their parameters at every topology update, which DDP does not support "
+                "yet; train with block_size=1 on several processes, or block-sparse on one."
+            )
+        # Fine-grained layers: momentum from the optimizer, or a gradient average kept here (block layers: see
+        # block_topology). Indexed by position in self.layers.
         self.momentum = MomentumTracker(optimizer, [layer.weight for _, layer in self.layers], config.momentum_beta)
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # growth draws; distinct from the init's
         self.step_count = 0
         self.update_count = 0
+        self._plan_dense_grad_collection()
 
     # ---- training-loop hooks -------------------------------------------------------------------------------
     def step(self) -> Optional[dict]:
         """After each optimizer step. Returns the update's statistics when the topology changed, else None."""
         self.apply_masks()
         if self.method.needs_momentum:
-            self.momentum.observe()
+            self.momentum.observe(skip=self.block_layers)
+        self._fold_dense_grads()
         self.step_count += 1
+        stats = None
         if self.schedule is not None and self.schedule.is_update_step(self.step_count):
-            return self.update()
-        return None
+            stats = self.update()
+        self._plan_dense_grad_collection()
+        return stats
+
+    # ---- dense gradients of block-sparse layers (the momentum of absent blocks) -----------------------------
+    def _collects_dense_grads(self) -> bool:
+        return bool(self.block_layers) and self.schedule is not None and (
+            self.method.needs_momentum or self.method.needs_gradient
+        )
+
+    def _plan_dense_grad_collection(self) -> None:
+        """Tell block layers whether the next step's backward should also compute the dense dW."""
+        collect = False
+        if self._collects_dense_grads():
+            if self.config.block_momentum == "exact":
+                collect = True
+            else:  # fast: only in the window of steps just before the next update
+                upcoming = self.step_count + 1
+                interval = self.config.update_interval
+                next_update = -(-upcoming // interval) * interval
+                collect = next_update <= self.schedule.last_update_step and next_update - upcoming < self.config.momentum_window
+        for layer in self.block_layers:
+            layer.collect_dense_grad = collect
+
+    def _fold_dense_grads(self) -> None:
+        beta = self.config.momentum_beta if self.config.block_momentum == "exact" else None
+        for layer in self.block_layers:
+            layer.end_step(beta)
 
     def apply_masks(self) -> None:
         for _, layer in self.layers:
@@ -90,14 +129,20 @@ class SparsityController:
         prune_rate = self.schedule.prune_rate_at(self.step_count)
         states = [self._layer_state(i, name, layer) for i, (name, layer) in enumerate(self.layers)]
         plans = self.method.plan(states, prune_rate, self.schedule.progress(self.step_count))
-        for i, (state, plan) in enumerate(zip(states, plans)):
+        for i, ((_, layer), state, plan) in enumerate(zip(self.layers, states, plans)):
             expected = state.nonzeros - plan.prune + plan.grow
             prune_scores = self.method.prune_scores(state)
             grow_scores = self.method.grow_scores(state) if plan.grow else None
             grown = update_layer_topology(state, plan, prune_scores, grow_scores)
-            self.momentum.reset(i, grown)
-            if state.nonzeros != expected:  # cannot happen unless a method breaks the contract: fail loudly
-                raise RuntimeError(f"{state.name}: {state.nonzeros} active weights after update, planned {expected}.")
+            if isinstance(layer, BlockSparseLinear):  # the state was a copy over blocks: move the blocks now
+                layer.set_block_mask(state.mask, self.optimizer)
+            else:
+                self.momentum.reset(i, grown)
+            if int(layer.mask.sum()) != expected:  # cannot happen unless a method breaks the contract: fail loudly
+                raise RuntimeError(f"{state.name}: {int(layer.mask.sum())} active units after update, planned {expected}.")
+        if self.config.block_momentum == "fast":  # the next window starts afresh
+            for layer in self.block_layers:
+                layer.clear_dense_grad()
         if is_distributed():
             for i, changed in enumerate(broadcast_masks([layer.mask for _, layer in self.layers])):
                 self.momentum.reset(i, changed)
@@ -110,6 +155,8 @@ class SparsityController:
         }
 
     def _layer_state(self, index: int, name: str, layer) -> LayerState:
+        if isinstance(layer, BlockSparseLinear):
+            return block_layer_state(name, layer, self.optimizer, self.method, self.generator)
         gradient = None
         if self.method.needs_gradient:
             gradient = layer.weight.grad
@@ -130,11 +177,11 @@ class SparsityController:
 
     # ---- reporting -----------------------------------------------------------------------------------------
     def report(self) -> list[LayerReport]:
-        return [LayerReport(name, tuple(layer.mask.shape), layer.nonzeros, layer.density) for name, layer in self.layers]
+        return [LayerReport(name, layer.weight_shape, layer.nonzeros, layer.density) for name, layer in self.layers]
 
     def density(self) -> float:
         """Overall density of the sparse layers."""
-        return sum(l.nonzeros for _, l in self.layers) / sum(l.mask.numel() for _, l in self.layers)
+        return sum(l.nonzeros for _, l in self.layers) / sum(l.weight_shape[0] * l.weight_shape[1] for _, l in self.layers)
 
     def prune_rate(self) -> float:
         return self.schedule.prune_rate_at(self.step_count) if self.schedule is not None else 0.0
@@ -148,19 +195,19 @@ class SparsityController:
             "update_count": self.update_count,
             "generator": self.generator.get_state(),
             "momentum": self.momentum.state_dict(),
-            "layers": {name: {"shape": list(layer.mask.shape), "nonzeros": layer.nonzeros} for name, layer in self.layers},
+            "layers": {name: {"shape": list(layer.weight_shape), "nonzeros": layer.nonzeros} for name, layer in self.layers},
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore; load the model's state_dict (masks) first. Refuses state from another model or density."""
         saved = state["config"]
-        for key in ("density", "method", "distribution"):
+        for key in ("density", "method", "distribution", "block_size"):
             if saved.get(key) != getattr(self.config, key):
                 raise ValueError(
                     f"checkpoint was made with {key}={saved.get(key)!r} but this run has {key}="
                     f"{getattr(self.config, key)!r}; resume with the same sparsity settings."
                 )
-        ours = {name: list(layer.mask.shape) for name, layer in self.layers}
+        ours = {name: list(layer.weight_shape) for name, layer in self.layers}
         theirs = {name: entry["shape"] for name, entry in state["layers"].items()}
         if ours != theirs:
             differing = sorted((set(ours) ^ set(theirs)) or {n for n in ours if ours[n] != theirs[n]})

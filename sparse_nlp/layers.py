@@ -42,6 +42,11 @@ class SparseLinear(nn.Module):
         return self.weight.shape[1] if self.weight_is_in_out else self.weight.shape[0]
 
     @property
+    def weight_shape(self) -> tuple[int, int]:
+        """(out_features, in_features), whatever the stored layout."""
+        return (self.out_features, self.in_features)
+
+    @property
     def nonzeros(self) -> int:
         return int(self.mask.sum())
 

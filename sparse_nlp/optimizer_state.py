@@ -37,10 +37,14 @@ class MomentumTracker:
         return optimizer_momentum(self.optimizer.state.get(param, {})) is None
 
     @torch.no_grad()
-    def observe(self) -> None:
-        """Fold this step's gradients into the averages of parameters whose optimizer keeps no momentum."""
+    def observe(self, skip: Iterable[torch.nn.Module] = ()) -> None:
+        """Fold this step's gradients into the averages of parameters whose optimizer keeps no momentum.
+
+        Parameters of the ``skip`` layers (block-sparse: they resize) are left out.
+        """
+        skipped = {id(layer.weight) for layer in skip}
         for i, param in enumerate(self.params):
-            if param.grad is None or not self._needs_own_average(param):
+            if id(param) in skipped or param.grad is None or not self._needs_own_average(param):
                 continue
             grad = param.grad.detach()
             if i not in self.gradient_average:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sparse_nlp.allocation import plan_nonzeros
+from sparse_nlp.block_layers import BlockSparseLinear, block_grid, pool_blocks
 from sparse_nlp.config import DENSE, SparsityConfig
 from sparse_nlp.layers import SparseLinear
 from sparse_nlp.methods import get_method
@@ -16,9 +17,25 @@ from sparse_nlp.targeting import FilterFn, find_target_layers
 CONFIG_ATTRIBUTE = "sparsity_config"  # where sparsify leaves its config on the model, for trainers to find
 
 
-def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
-    """The model's sparse layers (name, module), in model order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseLinear)]
+def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's sparse layers (name, module), in model order: SparseLinear and BlockSparseLinear."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (SparseLinear, BlockSparseLinear))]
+
+
+def _out_in_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of nn.Linear ([out, in]) or Conv1D ([in, out])."""
+    rows, cols = module.weight.shape
+    return (rows, cols) if isinstance(module, nn.Linear) else (cols, rows)
+
+
+def _check_divisible(targets: list[tuple[str, nn.Module]], block_size: int) -> None:
+    for name, module in targets:
+        shape = _out_in_shape(module)
+        if shape[0] % block_size or shape[1] % block_size:
+            raise ValueError(
+                f"{name} has weight shape {list(shape)}, not divisible by block_size {block_size}; choose a block size "
+                "that divides it, or leave the layer out with target_modules/filter_fn."
+            )
 
 
 def _config_from(density: Optional[float], config: Optional[SparsityConfig], options: dict) -> SparsityConfig:
@@ -31,15 +48,24 @@ def _config_from(density: Optional[float], config: Optional[SparsityConfig], opt
     return dataclasses.replace(config, **options) if config is not None else SparsityConfig(**options)
 
 
-def _initial_mask(weight: torch.Tensor, nonzeros: int, init: str, generator: torch.Generator) -> torch.Tensor:
-    flat = torch.zeros(weight.numel(), dtype=torch.bool)
+def _initial_mask(magnitude: torch.Tensor, nonzeros: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    """Mask over units (weights or blocks) of the given |w| (or block mean |w|) tensor."""
+    flat = torch.zeros(magnitude.numel(), dtype=torch.bool)
     if init == "random":
-        keep = torch.randperm(weight.numel(), generator=generator)[:nonzeros]
-    else:  # magnitude: the largest pretrained weights (ties: lower index first)
-        magnitude = torch.nan_to_num(weight.detach().float().abs().reshape(-1).cpu(), nan=-1.0)
-        keep = torch.sort(magnitude, descending=True, stable=True).indices[:nonzeros]
+        keep = torch.randperm(magnitude.numel(), generator=generator)[:nonzeros]
+    else:  # magnitude: the largest pretrained weights or blocks (ties: lower index first)
+        scores = torch.nan_to_num(magnitude.detach().float().reshape(-1).cpu(), nan=-1.0)
+        keep = torch.sort(scores, descending=True, stable=True).indices[:nonzeros]
     flat[keep] = True
-    return flat.view(weight.shape)
+    return flat.view(magnitude.shape)
+
+
+def _unit_magnitude(module: nn.Module, block_size: int) -> torch.Tensor:
+    """|w| per unit the topology moves: weights in stored layout, or blocks over the [out, in] grid."""
+    if block_size == 1:
+        return module.weight.detach().abs()
+    weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
+    return pool_blocks(weight, block_size)
 
 
 @torch.no_grad()
@@ -67,17 +93,24 @@ def sparsify(
     if any(name == "" for name, _ in targets):
         raise ValueError("sparsify() patches layers inside a model; wrap a bare linear layer in an nn.Module first.")
     method = get_method(config.method)
-    planned = plan_nonzeros([tuple(m.weight.shape) for _, m in targets], config.density, config.distribution)
+    block = config.block_size
+    if block > 1:
+        _check_divisible(targets, block)
+    unit_shapes = [tuple(m.weight.shape) if block == 1 else block_grid(_out_in_shape(m), block) for _, m in targets]
+    planned = plan_nonzeros(unit_shapes, config.density, config.distribution)  # weights, or blocks
     generator = torch.Generator().manual_seed(config.seed)
     masks = []  # all masks first, so a failure leaves the model untouched
-    for (_, module), nonzeros in zip(targets, planned):
+    for (_, module), shape, nonzeros in zip(targets, unit_shapes, planned):
         if method.starts_dense:
-            masks.append(torch.ones_like(module.weight, dtype=torch.bool, device="cpu"))
+            masks.append(torch.ones(shape, dtype=torch.bool))
         else:
-            masks.append(_initial_mask(module.weight, nonzeros, config.init, generator))
+            masks.append(_initial_mask(_unit_magnitude(module, block), nonzeros, config.init, generator))
     for (name, module), mask, nonzeros in zip(targets, masks, planned):
         parent_name, _, child_name = name.rpartition(".")
-        layer = SparseLinear(module, mask)
+        if block == 1:
+            layer = SparseLinear(module, mask)
+        else:
+            layer = BlockSparseLinear.from_dense(module, mask, block)
         layer.target_nonzeros = nonzeros
         setattr(model.get_submodule(parent_name), child_name, layer)
     setattr(model, CONFIG_ATTRIBUTE, config)

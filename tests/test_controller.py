@@ -70,8 +70,8 @@ def test_report_lists_every_layer():
     report = controller.report()
     assert [r.name for r in report] == [n for n, _ in sparse_layers(model)]
     first = report[0]
-    assert first.shape == (32, 96) and first.nonzeros == model.transformer.h[0].attn.c_attn.nonzeros
-    assert first.density == pytest.approx(first.nonzeros / (32 * 96))
+    assert first.shape == (96, 32) and first.nonzeros == model.transformer.h[0].attn.c_attn.nonzeros
+    assert first.density == pytest.approx(first.nonzeros / (96 * 32))
     assert controller.density() == pytest.approx(0.2, abs=1e-4)
 
 

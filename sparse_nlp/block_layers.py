@@ -1,0 +1,227 @@
+"""`BlockSparseLinear`: a linear layer that keeps only its live weight blocks and computes with them alone.
+
+The weight [out, in] is tiled into ``block_size`` x ``block_size`` blocks; ``values`` holds the live ones
+([num_live, b, b], row-major over the block grid) and ``block_mask`` ([out/b, in/b], a buffer updated in place)
+says which they are. Weights, gradients and optimizer state therefore cost memory in proportion to density, and
+the forward and both backward products run through ``sparse_nlp.kernels`` (Triton on GPU, a fast torch path on CPU).
+
+The ``values`` parameter object never changes, so the optimizer keeps holding it; a topology update swaps in
+contents of the new size (surviving blocks copied, new blocks 0) and remaps the optimizer's state the same way.
+
+For the momentum of *absent* blocks the layer can collect the dense weight gradient dY^T X (``collect_dense_grad``)
+from a hook on its output; the controller decides when (every step: ``exact``; a window before updates: ``fast``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from sparse_nlp import kernels
+
+
+def block_grid(weight_shape: tuple[int, int], block_size: int) -> tuple[int, int]:
+    out_features, in_features = weight_shape
+    return out_features // block_size, in_features // block_size
+
+
+def pool_blocks(dense: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean |x| of each block of a [out, in] tensor -> [out/b, in/b]."""
+    rows, cols = block_grid(tuple(dense.shape), block_size)
+    return dense.detach().float().abs().view(rows, block_size, cols, block_size).mean(dim=(1, 3))
+
+
+class BlockSparseLinear(nn.Module):
+    def __init__(
+        self,
+        values: torch.Tensor,
+        block_mask: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        block_size: int,
+        source_is_conv1d: bool = False,
+    ):
+        super().__init__()
+        self.block_size = block_size
+        self.out_features = block_mask.shape[0] * block_size
+        self.in_features = block_mask.shape[1] * block_size
+        self.source_is_conv1d = source_is_conv1d  # unsparsify gives back the layer type it came from
+        self.values = nn.Parameter(values)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.register_buffer("block_mask", block_mask.to(device=values.device, dtype=torch.bool))
+        self.target_nonzeros = int(self.block_mask.sum())  # in blocks: the unit topology updates move
+        self.collect_dense_grad = False
+        self.dense_grad_sum: Optional[torch.Tensor] = None  # dY^T X summed since the last fold (exact) / in the window (fast)
+        self.dense_grad_steps = 0  # fast: optimizer steps summed into dense_grad_sum
+        self.dense_grad_ema: Optional[torch.Tensor] = None  # exact: exponential average over every step
+        self._layout = None  # kernels.BlockSparseLayout, rebuilt when the mask changes
+
+    # ---- construction and export ---------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_dense(cls, layer: nn.Module, block_mask: torch.Tensor, block_size: int) -> "BlockSparseLinear":
+        source_is_conv1d = not isinstance(layer, nn.Linear)
+        weight = layer.weight.t() if source_is_conv1d else layer.weight  # always [out, in] here
+        layout = kernels.BlockSparseLayout.from_block_mask(block_mask.to(weight.device), block_size)
+        values = kernels.BlockSparseMatrix.from_dense(weight.contiguous(), layout).values.detach().clone()
+        bias = layer.bias.detach().clone() if layer.bias is not None else None
+        return cls(values, block_mask, bias, block_size, source_is_conv1d)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The full [out, in] weight, zeros outside the live blocks."""
+        return kernels.BlockSparseMatrix(self.values.detach(), self.layout).to_dense()
+
+    @torch.no_grad()
+    def to_base_layer(self) -> nn.Module:
+        """A plain ``nn.Linear`` (or ``Conv1D``, if that is what was sparsified) with the same outputs."""
+        weight = self.dense_weight()
+        if self.source_is_conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(self.out_features, self.in_features)
+            layer.weight = nn.Parameter(weight.t().contiguous())
+            layer.bias = nn.Parameter(self.bias.detach().clone()) if self.bias is not None else None
+            return layer.to(weight.device)
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                          dtype=weight.dtype)
+        layer.weight.copy_(weight)
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer
+
+    # ---- what the rest of the library reads ----------------------------------------------------------------
+    @property
+    def weight(self) -> nn.Parameter:
+        """The trainable tensor of this layer: the live blocks."""
+        return self.values
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The mask over the units the topology moves: blocks."""
+        return self.block_mask
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def nonzeros(self) -> int:
+        """Active weights (not blocks)."""
+        return int(self.block_mask.sum()) * self.block_size**2
+
+    @property
+    def density(self) -> float:
+        return float(self.block_mask.float().mean())
+
+    @property
+    def layout(self):
+        if self._layout is None or self._layout.device != self.values.device:
+            self._layout = kernels.BlockSparseLayout.from_block_mask(self.block_mask, self.block_size)
+        return self._layout
+
+    def apply_mask(self) -> None:
+        """Nothing to do: absent blocks are not stored."""
+
+    # ---- compute -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.block_sparse_linear(x, kernels.BlockSparseMatrix(self.values, self.layout), self.bias)
+        if self.collect_dense_grad and y.requires_grad:
+            saved_input = x.detach()
+            y.register_hook(lambda grad_output: self._add_dense_grad(grad_output, saved_input))
+        return y
+
+    @torch.no_grad()
+    def _add_dense_grad(self, grad_output: torch.Tensor, x: torch.Tensor) -> None:
+        dense = grad_output.reshape(-1, self.out_features).float().t() @ x.reshape(-1, self.in_features).float()
+        if self.dense_grad_sum is None:
+            self.dense_grad_sum = dense
+        else:
+            self.dense_grad_sum.add_(dense)
+
+    @torch.no_grad()
+    def end_step(self, ema_beta: Optional[float]) -> None:
+        """After an optimizer step that collected dense gradients (micro-batches summed).
+
+        ``ema_beta`` set (exact): fold the step into an exponential average. None (fast): count it; the window's
+        mean is taken at the update, so one dense buffer suffices.
+        """
+        if self.dense_grad_sum is None:
+            return
+        if ema_beta is None:
+            self.dense_grad_steps += 1
+            return
+        if self.dense_grad_ema is None:
+            self.dense_grad_ema = torch.zeros_like(self.dense_grad_sum)
+        self.dense_grad_ema.mul_(ema_beta).add_(self.dense_grad_sum, alpha=1 - ema_beta)
+        self.dense_grad_sum = None
+
+    def dense_grad_average(self) -> Optional[torch.Tensor]:
+        """What stands in for the momentum of absent blocks, or None if nothing was collected."""
+        if self.dense_grad_ema is not None:
+            return self.dense_grad_ema
+        if self.dense_grad_sum is not None and self.dense_grad_steps:
+            return self.dense_grad_sum / self.dense_grad_steps
+        return None
+
+    def clear_dense_grad(self) -> None:
+        self.dense_grad_sum, self.dense_grad_ema, self.dense_grad_steps = None, None, 0
+
+    # ---- topology ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_block_mask(self, new_mask: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+        """Move blocks in and out. Survivors keep values and optimizer state; new blocks start at 0 with zero state.
+
+        Returns the flat grid indices of the new blocks.
+        """
+        old_flat = self.block_mask.view(-1)
+        new_positions = new_mask.reshape(-1).nonzero().squeeze(1)
+        old_index = torch.full((old_flat.numel(),), -1, dtype=torch.long, device=old_flat.device)
+        old_index[old_flat.nonzero().squeeze(1)] = torch.arange(int(old_flat.sum()), device=old_flat.device)
+        source = old_index[new_positions]
+        survives = source >= 0
+
+        def remap(old: torch.Tensor) -> torch.Tensor:
+            new = old.new_zeros((new_positions.numel(), *old.shape[1:]))
+            new[survives] = old[source[survives]]
+            return new
+
+        old_shape = self.values.shape
+        state = optimizer.state.get(self.values, {}) if optimizer is not None else {}
+        for key, value in list(state.items()):
+            if isinstance(value, torch.Tensor) and value.shape == old_shape:
+                state[key] = remap(value)
+        self._resize_values(remap(self.values.detach()))
+        self.block_mask.copy_(new_mask)
+        self._layout = None
+        return new_positions[~survives]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints may hold another number of live blocks than this layer: take their size before loading."""
+        values, block_mask = state_dict.get(prefix + "values"), state_dict.get(prefix + "block_mask")
+        if (
+            values is not None
+            and block_mask is not None
+            and block_mask.shape == self.block_mask.shape
+            and values.shape[1:] == self.values.shape[1:]
+            and values.shape[0] == int(block_mask.sum())
+        ):
+            self._resize_values(self.values.detach().new_empty(values.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._layout = None
+
+    def _resize_values(self, new_values: torch.Tensor) -> None:
+        """Give ``values`` new contents of another size, keeping the Parameter object the optimizer holds.
+
+        ``swap_tensors`` rather than ``.data =``: autograd would keep the old size in a gradient accumulator that a
+        still-referenced graph holds, and reject the next gradient.
+        """
+        fresh = nn.Parameter(new_values, requires_grad=self.values.requires_grad)
+        torch.utils.swap_tensors(self.values, fresh)
+        self.values.grad = None
+        self._layout = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+            f"density={self.density:.4f}"
+        )
