@@ -59,8 +59,13 @@ def _run(tasks: list[Callable[[], None]], device: torch.device) -> None:
         return
     pool = _get_pool(threads)
     with _single_threaded_blas():
-        for future in [pool.submit(task) for task in tasks]:
+        for future in [pool.submit(_without_grad, task) for task in tasks]:
             future.result()
+
+
+def _without_grad(task: Callable[[], None]) -> None:
+    with torch.no_grad():  # grad mode is per thread: the pool's threads do not inherit the caller's no_grad
+        task()
 
 
 def _buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

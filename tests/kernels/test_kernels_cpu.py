@@ -1,0 +1,97 @@
+"""The CPU paths ("torch": blocked gathered GEMMs, "dense": masked dense) against the reference, gradcheck in
+float64, and the automatic dispatch that must never hand CPU tensors to Triton."""
+import pytest
+import torch
+from kernel_cases import LAYOUTS, SIZE_IDS, SIZES, TOL, make_case
+
+from sparse_nlp.kernels import (
+    DENSE_THRESHOLD, BlockSparseMatrix, block_sparse_linear, dds, dsd, resolve_backend, sdd,
+)
+from sparse_nlp.kernels.reference import reference_dds, reference_linear, reference_sdd
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_products_match_reference(backend, size, kind, dtype):
+    x, dy, bias, w = make_case(*size, kind=kind, dtype=dtype)
+    tol = TOL[dtype]
+    torch.testing.assert_close(dds(x, w, True, bias, backend=backend), reference_dds(x, w, True, bias), **tol)
+    torch.testing.assert_close(dds(dy, w, False, backend=backend), reference_dds(dy, w, False), **tol)
+    got = sdd(dy.t(), x, w.layout, backend=backend).values
+    torch.testing.assert_close(got, reference_sdd(dy.t(), x, w.layout).values, **tol)
+
+
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_cpu_blocked_path_with_many_row_chunks_on_the_thread_pool(two_threads):
+    # M > 1024 rows and several block-rows: tasks run on the pool with one BLAS thread each
+    x, dy, bias, w = make_case(2600, 96, 64, 16, kind="empty_row")
+    torch.testing.assert_close(dds(x, w, True, bias, backend="torch"), reference_dds(x, w, True, bias))
+    torch.testing.assert_close(dds(dy, w, False, backend="torch"), reference_dds(dy, w, False))
+    got = sdd(dy.t(), x, w.layout, backend="torch").values
+    torch.testing.assert_close(got, reference_sdd(dy.t(), x, w.layout).values, rtol=1e-4, atol=1e-3)
+
+
+def test_dsd_is_the_transposed_dds():
+    x, _, _, w = make_case(40, 64, 96, 32)
+    torch.testing.assert_close(dsd(w, x.t(), backend="torch"), reference_dds(x, w, True).t())
+    b = torch.randn(64, 7)
+    torch.testing.assert_close(dsd(w, b, transpose_a=True, backend="torch"), w.to_dense().t() @ b)
+
+
+@pytest.fixture
+def one_thread():  # gradcheck makes hundreds of tiny calls: OpenMP team start-up would dominate
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+@pytest.mark.parametrize("kind", ["random", "empty_row"])
+def test_gradcheck_float64(backend, kind, one_thread):
+    x, _, bias, w = make_case(4, 32, 48, 16, kind=kind, dtype=torch.float64)
+    x = x.view(2, 2, 48).requires_grad_()
+    values = w.values.clone().requires_grad_()
+    bias = bias.clone().requires_grad_()
+    fn = lambda x, v, b: block_sparse_linear(x, BlockSparseMatrix(v, w.layout), b, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, values, bias))
+
+
+def test_gradients_reach_a_parameter_and_match_reference():
+    x, dy, bias, w = make_case(3 * 11, 64, 96, 32, kind="empty_row")
+    values = torch.nn.Parameter(w.values.clone())
+    weight = BlockSparseMatrix(values, w.layout)
+    x = x.view(3, 11, 96).requires_grad_()
+    block_sparse_linear(x, weight).backward(dy.view(3, 11, 64))  # automatic backend on CPU
+    got = (x.grad.clone(), values.grad.clone())
+    x.grad = values.grad = None
+    reference_linear(x, weight).backward(dy.view(3, 11, 64))
+    torch.testing.assert_close(got[0], x.grad, **TOL[torch.float32])
+    torch.testing.assert_close(got[1], values.grad, **TOL[torch.float32])
+
+
+def test_no_grad_needed_for_x_or_bias():
+    x, _, _, w = make_case(9, 64, 48, 16)
+    values = w.values.clone().requires_grad_()
+    block_sparse_linear(x, BlockSparseMatrix(values, w.layout)).sum().backward()
+    assert values.grad is not None and values.grad.shape == values.shape
+
+
+def test_auto_dispatch_never_sends_cpu_tensors_to_triton(monkeypatch):
+    assert resolve_backend(None, torch.device("cpu"), 0.1) == "torch"
+    assert resolve_backend(None, torch.device("cpu"), min(1.0, DENSE_THRESHOLD + 0.1)) == "dense"
+    assert resolve_backend(None, torch.device("cuda"), 0.1) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' got cpu tensors"):
+        resolve_backend("triton", torch.device("cpu"), 0.1)
+    x, _, _, w = make_case(9, 64, 48, 16)
+    torch.testing.assert_close(block_sparse_linear(x, w), reference_linear(x, w))  # no Triton involved
