@@ -1,0 +1,304 @@
+"""Train a sparse language model with sparse momentum, and a dense model of the same shape on the same tokens;
+print their perplexities side by side.
+
+    accelerate launch recipes/train_lm.py                                  # CPU-sized default, ~12 min on 2 cores
+    accelerate launch recipes/train_lm.py --method rigl --density 0.1      # any method / density
+    accelerate launch recipes/train_lm.py --train_file a.txt --validation_file b.txt
+    accelerate launch recipes/train_lm.py --model_name_or_path gpt2 --max_steps 2000   # pretrained: magnitude mask
+    accelerate launch --num_processes 8 recipes/train_lm.py --dataset_name wikitext \\
+        --dataset_config_name wikitext-103-raw-v1 --config_overrides n_layer=12,n_embd=768,n_head=12 \\
+        --seq_length 1024 --max_steps 20000 --per_device_train_batch_size 16 --bf16
+
+Flags: every field below, every `SparsityConfig` field (its `seed` is `--seed`) and every `TrainingArguments`
+field (`--help` lists them). The table goes to stdout and to results.json / results.md in --output_dir; each run
+keeps its checkpoints and its final model (a plain transformers model, zeros included) in <output_dir>/<run>.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    HfArgumentParser,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from sparse_nlp import SparseTrainer, SparsityConfig, unsparsify
+from sparse_nlp.config import DENSE
+from sparse_nlp.data import load_text_dataset, tokenize_and_pack
+from sparse_nlp.evaluation import concatenate_token_ids, evaluate_perplexity
+from sparse_nlp.reporting import RunResult, count_parameters, format_table, linear_density, write_results
+from sparse_nlp.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer
+
+# The default model: GPT-2's architecture at nanoGPT's "baby" scale, sized so that the sparse and the dense run
+# together take well under 15 minutes on 2 CPU cores (measured: see the README) and still learn real English.
+DEFAULT_MODEL = dict(
+    n_layer=4,  # 4 blocks of attention + MLP: 16 sparse linear layers
+    n_embd=256,  # width; the MLP is 4x wider (1024)
+    n_head=4,  # head size 64, as GPT-2
+    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: the run sees each token less than once
+)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Pretrained model (hub id or local folder) to sparsify with a magnitude mask. "
+                  "Default: a new GPT-2-style model (DEFAULT_MODEL, or --config_name)."},
+    )
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "Config (hub id or local folder) of a new model to train from scratch."}
+    )
+    config_overrides: Optional[str] = field(
+        default=None, metadata={"help": "Config changes for a new model, e.g. 'n_layer=2,n_embd=128,n_head=2'."}
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tokenizer (hub id or local folder). Default: the pretrained model's, else a byte-level "
+                  "BPE trained on the training split and cached beside the data."},
+    )
+    vocab_size: int = field(default=DEFAULT_VOCAB_SIZE, metadata={"help": "Vocabulary of the trained BPE tokenizer."})
+    seq_length: int = field(
+        default=128, metadata={"help": "Tokens per training sequence (text is packed into blocks of this length); "
+                               "also the perplexity context."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset, e.g. wikitext."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "e.g. wikitext-103-raw-v1."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Local UTF-8 .txt/.json/.jsonl training text."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Local validation text (default: the "
+                                           "last 5 percent of the training file)."})
+    test_file: Optional[str] = field(default=None, metadata={"help": "Local test text (optional)."})
+    data_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Cache of datasets and trained tokenizers (default: the datasets cache)."}
+    )
+    append_eos: Optional[bool] = field(
+        default=None, metadata={"help": "End every record with the eos token. Default: on for the embedded corpus "
+                                "(records are whole speeches), off for line-based text."}
+    )
+    eval_stride: Optional[int] = field(
+        default=None, metadata={"help": "Perplexity window stride (default seq_length // 2: every token scored with "
+                                "at least half a window of context)."}
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing."})
+
+
+@dataclass
+class LMTrainingArguments(TrainingArguments):
+    # Recipe defaults (the Trainer's are for fine-tuning): AdamW at a from-scratch learning rate, cosine decay.
+    # AdamW rather than the paper's SGD-momentum: AdamW is what LMs train with; sparse momentum reads its
+    # exp_avg / sqrt(exp_avg_sq) as the momentum.
+    output_dir: Optional[str] = field(default="runs/train_lm", metadata={"help": "Where runs and results go."})
+    max_steps: int = field(default=400, metadata={"help": "Optimizer steps per run (same for sparse and dense)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Sequences per step and device."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Windows per perplexity batch."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: steps, or a fraction of max_steps if < 1."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    logging_steps: float = field(default=25, metadata={"help": "Log loss and sparsity every N steps."})
+    save_steps: float = field(default=100, metadata={"help": "Checkpoint every N steps (for resuming)."})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept per run."})
+    dense_baseline: bool = field(
+        default=True, metadata={"help": "Also train a dense model of the same shape on the same tokens."}
+    )
+
+
+def _sparsity_arguments() -> type:
+    """SparsityConfig's fields as a CLI dataclass, without those TrainingArguments owns (seed: one --seed)."""
+    hints = typing.get_type_hints(SparsityConfig)
+    taken = {f.name for f in dataclasses.fields(TrainingArguments)}
+    specs = []
+    for f in dataclasses.fields(SparsityConfig):
+        if f.name in taken:
+            continue
+        default, metadata = f.default, dict(f.metadata)
+        if f.name == "init":  # None: magnitude for a pretrained model, random for a new one
+            default, hint = None, Optional[str]
+            metadata["help"] += " Default: magnitude with --model_name_or_path, else random."
+        else:
+            hint = hints[f.name]
+        specs.append((f.name, hint, field(default=default, metadata=metadata)))
+    return dataclasses.make_dataclass("SparsityArguments", specs)
+
+
+SparsityArguments = _sparsity_arguments()
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, SparsityArguments, LMTrainingArguments))
+    model_args, data_args, sparsity_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    options = dataclasses.asdict(sparsity_args)
+    if options["init"] is None:
+        options["init"] = "magnitude" if model_args.model_name_or_path else "random"
+    sparsity = SparsityConfig(**options, seed=training_args.seed)  # raises one-line ValueErrors
+    return model_args, data_args, sparsity, training_args
+
+
+def use_all_cores() -> Optional[int]:
+    """`accelerate launch` without a config sets OMP_NUM_THREADS=1; on a CPU-only machine use every core instead.
+
+    Returns the thread count set, or None when nothing was changed (a GPU, or a thread count someone chose).
+    """
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if torch.cuda.is_available() or not launched_by_accelerate or os.environ.get("OMP_NUM_THREADS") != "1":
+        return None
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, len(os.sched_getaffinity(0)) // local_processes)
+    if threads > 1:
+        torch.set_num_threads(threads)
+        return threads
+    return None
+
+
+def build_model(model_args: ModelArguments, tokenizer) -> torch.nn.Module:
+    if model_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {model_args.model_name_or_path} embeds "
+                             f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer.")
+        return model
+    if model_args.config_name:
+        config = AutoConfig.from_pretrained(model_args.config_name)
+    else:
+        config = GPT2Config(**DEFAULT_MODEL, n_positions=model_args.seq_length)
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_config(config)
+    if getattr(model, "loss_type", None) is None:  # class names like GPT2LMHeadModel do not tell transformers
+        model.loss_type = "ForCausalLM"
+    return model
+
+
+def prepare_data(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+    """Packed blocks of every split, and the tokenizer; the main process builds caches first."""
+    with training_args.main_process_first(desc="data"):
+        raw = load_text_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, data_args.train_file, data_args.validation_file,
+            data_args.test_file, cache_dir=data_args.data_cache_dir,
+        )
+        tokenizer = load_tokenizer(
+            model_args.tokenizer_name or model_args.model_name_or_path, train_split=raw["train"],
+            vocab_size=model_args.vocab_size, cache_dir=data_args.data_cache_dir,
+        )
+        embedded = data_args.dataset_name is None and data_args.train_file is None
+        append_eos = embedded if data_args.append_eos is None else data_args.append_eos
+        blocks = tokenize_and_pack(raw, tokenizer, model_args.seq_length, append_eos=append_eos,
+                                   num_proc=data_args.preprocessing_num_workers)
+    return blocks, tokenizer
+
+
+def planned_runs(sparsity: SparsityConfig, training_args: LMTrainingArguments) -> list[tuple[str, SparsityConfig]]:
+    if sparsity.method == DENSE or sparsity.density == 1.0:
+        return [("dense", dataclasses.replace(sparsity, method=DENSE, density=1.0))]
+    runs = [("sparse", sparsity)]
+    if training_args.dense_baseline:
+        runs.append(("dense", dataclasses.replace(sparsity, method=DENSE, density=1.0)))
+    return runs
+
+
+def resume_point(training_args: TrainingArguments, run_dir: str, single_run: bool) -> Optional[str]:
+    """--resume_from_checkpoint: 'last' resumes every run from its own latest checkpoint; a path needs one run."""
+    wanted = training_args.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if wanted == "last":
+        return get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if not single_run:
+        raise ValueError("--resume_from_checkpoint PATH resumes one run: add --dense_baseline false (or use 'last' "
+                         "to resume each run from its own latest checkpoint).")
+    return wanted
+
+
+def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, training_args, blocks, tokenizer,
+              single_run: bool) -> RunResult:
+    run_dir = os.path.join(training_args.output_dir, run)
+    args = copy.copy(training_args)
+    args.output_dir, args.run_name = run_dir, run
+    if args.device.type == "cpu":
+        args.dataloader_pin_memory = False  # pinning only speeds copies to an accelerator (torch warns otherwise)
+    set_seed(training_args.seed)  # same initial weights and the same batches for both runs
+    model = build_model(model_args, tokenizer)
+    trainer = SparseTrainer(
+        model=model, args=args, train_dataset=blocks["train"], data_collator=default_data_collator,
+        processing_class=tokenizer, sparsity_config=sparsity,
+    )
+    output = trainer.train(resume_from_checkpoint=resume_point(training_args, run_dir, single_run))
+    model = trainer.model
+    stride = data_args.eval_stride or max(1, model_args.seq_length // 2)
+    perplexity = {}
+    for split in ("validation", "test"):
+        if split in blocks:
+            stream = concatenate_token_ids(blocks[split])
+            perplexity[split] = evaluate_perplexity(
+                model, stream, context_length=model_args.seq_length, stride=stride, device=args.device,
+                batch_size=args.per_device_eval_batch_size, show_progress=args.should_log and not args.disable_tqdm,
+            )["perplexity"]
+    nonzero, total = count_parameters(model)
+    controller = trainer.sparsity_controller
+    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    result = RunResult(
+        run=run, method=sparsity.method, density=linear_density(model), nonzero_params=nonzero, total_params=total,
+        val_perplexity=perplexity["validation"], test_perplexity=perplexity.get("test"),
+        train_tokens=trainer.state.global_step * tokens_per_step * model_args.seq_length,
+        tokens_per_second=output.metrics["train_samples_per_second"] * model_args.seq_length,
+        train_seconds=output.metrics["train_runtime"],
+        topology_updates=controller.update_count if controller is not None else 0,
+    )
+    if controller is not None:
+        unsparsify(model)  # the final model is a plain transformers model: masked weights are exact zeros
+    trainer.save_model(run_dir)
+    return result
+
+
+def run(model_args, data_args, sparsity, training_args) -> list[RunResult]:
+    start = time.time()
+    blocks, tokenizer = prepare_data(model_args, data_args, training_args)
+    runs = planned_runs(sparsity, training_args)
+    results = []
+    for name, config in runs:
+        results.append(train_one(name, config, model_args, data_args, training_args, blocks, tokenizer, len(runs) == 1))
+    if training_args.should_save:
+        notes = [
+            f"Same model shape, steps and tokens per run: {results[0].train_tokens:,} training tokens of "
+            f"{model_args.seq_length}-token sequences; perplexity over sliding windows of {model_args.seq_length} "
+            f"tokens. Total wall time {time.time() - start:.0f} s.",
+        ]
+        json_path, md_path = write_results(results, training_args.output_dir, notes)
+        print("\n" + format_table(results) + "\n\n" + notes[0] + f"\nWritten to {json_path} and {md_path}.")
+    return results
+
+
+def main(argv=None) -> list[RunResult]:
+    threads = use_all_cores()
+    try:
+        model_args, data_args, sparsity, training_args = parse_args(argv)
+        if threads is not None and training_args.should_log:
+            print(f"Training on the CPU with {threads} threads (accelerate launch had set OMP_NUM_THREADS=1).")
+        return run(model_args, data_args, sparsity, training_args)
+    except (ValueError, OSError) as err:  # bad input: one line, not a traceback
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise SystemExit(f"error: {lines[0]}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,99 @@
+"""The results table of a training recipe: one row per run, printed, and written as JSON and Markdown.
+
+    rows = [RunResult(run="sparse", method="momentum", density=0.2, ...), RunResult(run="dense", ...)]
+    print(format_table(rows)); write_results(rows, "runs/train_lm")   # results.json + results.md
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from sparse_nlp.sparsify import sparse_layers
+
+
+@dataclass
+class RunResult:
+    run: str  # "sparse" / "dense"
+    method: str  # sparsity method ("dense" for the baseline)
+    density: float  # density of the sparsified linear layers (1.0 dense)
+    nonzero_params: int  # nonzero parameters of the whole model (embeddings included, tied weights once)
+    total_params: int  # all parameters of the same model, dense
+    val_perplexity: float
+    test_perplexity: Optional[float]  # None when the data has no test split
+    train_tokens: int  # tokens trained on, all ranks together
+    tokens_per_second: float  # training throughput, all ranks together
+    train_seconds: float  # wall time of training (evaluation excluded)
+    topology_updates: int = 0
+
+
+COLUMNS = (  # (header, how to format a row)
+    ("run", lambda r: r.run),
+    ("method", lambda r: r.method),
+    ("density", lambda r: f"{r.density:.3f}"),
+    ("nonzero params", lambda r: f"{r.nonzero_params / 1e6:.2f}M of {r.total_params / 1e6:.2f}M"),
+    ("val ppl", lambda r: _ppl(r.val_perplexity)),
+    ("test ppl", lambda r: _ppl(r.test_perplexity)),
+    ("tokens/s", lambda r: f"{r.tokens_per_second:,.0f}"),
+    ("train time", lambda r: _duration(r.train_seconds)),
+)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(nonzero, total) parameters, each shared tensor once; a sparse layer counts its active weights only."""
+    active = {id(layer.weight): layer.nonzeros for _, layer in sparse_layers(model)}
+    seen, nonzero, total = set(), 0, 0
+    for param in model.parameters():  # parameters() already yields a tied tensor once
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        nonzero += active.get(id(param), param.numel())
+    return nonzero, total
+
+
+def format_table(rows: Sequence[RunResult]) -> str:
+    """A plain-text table (also valid Markdown)."""
+    cells = [[header for header, _ in COLUMNS]] + [[fmt(row) for _, fmt in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[RunResult], output_dir: str, notes: Sequence[str] = ()) -> tuple[str, str]:
+    """Write results.json and results.md into ``output_dir``; return their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    json_path, md_path = os.path.join(output_dir, "results.json"), os.path.join(output_dir, "results.md")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump({"runs": [asdict(r) for r in rows], "notes": list(notes)}, f, indent=2)
+        f.write("\n")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(format_table(rows) + "\n")
+        f.writelines(f"\n{note}\n" for note in notes)
+    return json_path, md_path
+
+
+def _ppl(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if math.isfinite(value) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+@torch.no_grad()
+def linear_density(model: nn.Module) -> float:
+    """Density of the sparse layers (1.0 for a model without any)."""
+    layers = sparse_layers(model)
+    if not layers:
+        return 1.0
+    return sum(layer.nonzeros for _, layer in layers) / sum(layer.mask.numel() for _, layer in layers)

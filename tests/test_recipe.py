@@ -1,0 +1,178 @@
+"""recipes/train_lm.py end to end on tiny settings: local text, a local pretrained model, one-line errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer_helpers import tiny_gpt2
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "train_lm.py"
+WORDS = ("the nation people congress year government states united new great war peace law public world will "
+         "must our we have has been not this that which all by for with from power men work free").split()
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("train_lm", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+train_lm = _load_recipe()
+
+
+def _write_text(path: Path, lines: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(6, 14))) + "." for _ in range(lines)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    return _write_text(folder / "train.txt", 600, 0), _write_text(folder / "valid.txt", 60, 1), folder / "cache"
+
+
+def _tiny_flags(output_dir, cache, *extra):
+    return [
+        "--output_dir", str(output_dir), "--data_cache_dir", str(cache), "--config_overrides", "n_layer=1,n_embd=32,n_head=2",
+        "--seq_length", "32", "--vocab_size", "300", "--max_steps", "4", "--update_interval", "2", "--save_steps", "2",
+        "--logging_steps", "2", "--disable_tqdm", "true", *extra,
+    ]
+
+
+def test_local_text_trains_sparse_and_dense(text_files, tmp_path, capsys):
+    train, valid, cache = text_files
+    results = train_lm.main(_tiny_flags(tmp_path, cache, "--train_file", str(train), "--validation_file", str(valid)))
+    sparse, dense = results
+    assert (sparse.run, sparse.method, dense.run, dense.method) == ("sparse", "momentum", "dense", "dense")
+    assert sparse.density == pytest.approx(0.2, abs=1e-3) and dense.density == 1.0
+    assert sparse.topology_updates == 2 and sparse.train_tokens == dense.train_tokens == 4 * 16 * 32
+    assert sparse.nonzero_params < dense.nonzero_params == dense.total_params == sparse.total_params
+    assert all(torch.isfinite(torch.tensor(r.val_perplexity)) for r in results) and sparse.test_perplexity is None
+    printed = capsys.readouterr().out
+    assert "| run " in printed and "| sparse" in printed and "| dense " in printed
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["run"] for r in saved["runs"]] == ["sparse", "dense"]
+    assert (tmp_path / "results.md").read_text().startswith("| run")
+    # the final sparse model is a plain transformers model whose zeros are the mask
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    weight = final.transformer.h[0].mlp.c_fc.weight
+    assert 0 < (weight != 0).float().mean() < 0.5
+
+
+def test_pretrained_model_from_a_local_folder(text_files, tmp_path):
+    train, valid, cache = text_files
+    from sparse_nlp.tokenizer import train_bpe_tokenizer
+
+    folder = tmp_path / "pretrained"
+    tiny_gpt2().save_pretrained(folder)
+    train_bpe_tokenizer(train.read_text().splitlines(), vocab_size=300).save_pretrained(folder)  # 300 > 64 tokens
+    flags = _tiny_flags(tmp_path / "out", cache, "--train_file", str(train), "--model_name_or_path", str(folder))
+    with pytest.raises(SystemExit, match="^error: tokenizer has 300 tokens but .* embeds 64"):
+        train_lm.main(flags)
+    tokenizer = train_bpe_tokenizer(train.read_text().splitlines(), vocab_size=257 + 30)
+    model = tiny_gpt2()
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    flags = [f for f in flags if f != "n_layer=1,n_embd=32,n_head=2"]
+    flags.remove("--config_overrides")
+    flags[flags.index("--seq_length") + 1] = "16"  # the tiny model has 16 positions
+    _, _, sparsity, _ = train_lm.parse_args(flags)
+    assert sparsity.init == "magnitude"  # a pretrained model keeps its largest weights
+    (sparse, dense) = train_lm.main(flags)
+    assert sparse.density == pytest.approx(0.2, abs=1e-3) and dense.density == 1.0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "sparse_momentum"], "unknown sparsity method 'sparse_momentum'"),
+        (["--density", "1.5"], "density must be in (0, 1]"),
+        (["--density", "0"], "density must be in (0, 1]"),
+        (["--train_file", "/nonexistent/train.txt"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line(extra, message, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train_lm.main(_tiny_flags(tmp_path, tmp_path / "cache", *extra))
+    text = str(exit_info.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+
+
+def test_bad_text_files_are_one_line(text_files, tmp_path):
+    train, _, cache = text_files
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 na\xefve\n".encode("latin-1"))
+    for bad, message in ((empty, "is empty"), (latin1, "is not UTF-8")):
+        for flags in (["--train_file", str(bad)], ["--train_file", str(train), "--validation_file", str(bad)]):
+            with pytest.raises(SystemExit) as exit_info:
+                train_lm.main(_tiny_flags(tmp_path / "out", cache, *flags))
+            text = str(exit_info.value.code)
+            assert text.startswith("error: ") and message in text and "\n" not in text
+
+
+def test_resume_from_another_density_or_model_is_one_line(text_files, tmp_path):
+    train, valid, cache = text_files
+    data = ["--train_file", str(train), "--validation_file", str(valid), "--dense_baseline", "false"]
+    train_lm.main(_tiny_flags(tmp_path / "a", cache, *data))
+    checkpoint = str(tmp_path / "a" / "sparse" / "checkpoint-4")
+    for extra, message in (
+        (["--density", "0.5"], "was trained with density=0.2 but this run has density=0.5"),
+        (["--config_overrides", "n_layer=1,n_embd=16,n_head=2"], "is from a different model"),
+        (["--method", "dense"], "is from a sparse run but this run is dense"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            train_lm.main(_tiny_flags(tmp_path / "b", cache, *data, "--resume_from_checkpoint", checkpoint, *extra))
+        text = str(exit_info.value.code)
+        assert text.startswith("error: ") and message in text and "\n" not in text, text
+    with pytest.raises(SystemExit, match="resumes one run"):
+        train_lm.main(_tiny_flags(tmp_path / "c", cache, *data[:4], "--resume_from_checkpoint", checkpoint))
+    resumed = train_lm.main(_tiny_flags(tmp_path / "a", cache, *data, "--resume_from_checkpoint", "last",
+                                        "--max_steps", "6"))
+    assert resumed[0].topology_updates == 3 and resumed[0].train_tokens == 6 * 16 * 32
+
+
+def test_use_all_cores_undoes_the_launchers_single_thread(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    try:
+        cores = len(os.sched_getaffinity(0))
+        assert train_lm.use_all_cores() == (cores if cores > 1 else None)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's choice is kept
+        assert train_lm.use_all_cores() is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_accelerate_launch_runs_the_recipe(text_files, tmp_path):
+    train, valid, cache = text_files
+    command = ["accelerate", "launch", str(RECIPE), *_tiny_flags(tmp_path, cache, "--train_file", str(train),
+               "--validation_file", str(valid), "--dense_baseline", "false")]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| sparse" in done.stdout
+    if len(os.sched_getaffinity(0)) > 1:
+        assert "Training on the CPU with" in done.stdout
+    assert "Traceback" not in done.stderr
+    worrying = [line for line in done.stderr.splitlines() if "warn" in line.lower() and "accelerate launch" not in line
+                and "To avoid this warning" not in line]
+    assert not worrying, worrying
