@@ -24,14 +24,13 @@ SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (768, 768)]  # (
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _timer(device: torch.device, repeats: int):
+def _timer(device: torch.device):
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return lambda fn: do_bench(fn, warmup=5, rep=50, return_mode="median") / 1e3
 
     def cpu_time(fn):
-        fn()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
@@ -40,7 +39,9 @@ def _timer(device: torch.device, repeats: int):
 
 
 def _interleaved(timer, fns: list, repeats: int) -> list[float]:
-    """Median seconds of each fn, measured round-robin."""
+    """Median seconds of each fn, measured round-robin after one warm-up call each."""
+    for fn in fns:
+        fn()
     samples = [[] for _ in fns]
     for _ in range(repeats):
         for s, fn in zip(samples, fns):
@@ -103,7 +104,7 @@ def main() -> None:
     blocks = args.blocks or ([64] if args.quick else [32, 64, 128])
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     repeats = args.repeats or (3 if args.quick and device.type == "cpu" else 7)
-    timer = _timer(device, repeats)
+    timer = _timer(device)
     gen = torch.Generator().manual_seed(0)
     print(f"device={device} dtype={dtype} M={args.tokens} threads={torch.get_num_threads()} repeats={repeats}")
     head = f"{'in->out':>11} {'b':>3} {'dens':>5} | " + " | ".join(

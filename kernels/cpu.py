@@ -1,9 +1,10 @@
 """The CPU paths: a fast blocked path (gathered GEMMs over block-rows) and a masked-dense path.
 
 Blocked path, measured on the dev box (2 cores, MKL):
-- Each output block gets one GEMM over its live inputs gathered side by side: Y[:, i-block] =
-  X[:, cols of row i] @ stack(W_ij^T). Gathers go into per-thread workspaces that are reused, because a fresh
-  multi-MB allocation costs page faults that showed up as ~half the run time.
+- Y and dX: each output block gets one GEMM over its live inputs gathered side by side, Y[:, i-block] =
+  X[:, cols of row i] @ stack(W_ij^T), per chunk of M_CHUNK rows. Gathers go into per-thread workspaces that
+  are reused: a fresh multi-MB allocation costs page faults (a 100 MB output alone costs ~55 ms of faults here).
+- dW: one [b, M] @ [M, b] GEMM per live block, b's columns as strided operands (no gather).
 - The GEMMs are thin (one block of output columns); MKL runs those badly on 2 threads (~3-40 GF/s) and well on 1
   (~80-90 GF/s). So we split the work into tasks (chunks of M for Y and dX, block-rows for dW), run them on a
   thread pool with BLAS set to one thread for the duration of the call, then restore torch's thread count.
@@ -90,7 +91,11 @@ def _gather_cols(a: torch.Tensor, blocks: list[int], blk: int) -> torch.Tensor:
 
 
 def blocked_dds(
-    a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional[torch.Tensor] = None
+    a: torch.Tensor,
+    b: BlockSparseMatrix,
+    transpose_b: bool,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """a [M, K_in] @ (b^T if transpose_b else b) (+ bias) with one gathered GEMM per output block."""
     layout, blk = b.layout, b.layout.block_size
@@ -103,7 +108,8 @@ def blocked_dds(
         inputs_of, offsets = plan.rows_of_col, plan.col_offsets
         stack = v.index_select(0, plan.transpose_perm.to(v.device)).reshape(-1, blk)
     m = a.shape[0]
-    out = torch.empty(m, len(inputs_of) * blk, dtype=a.dtype, device=a.device)
+    if out is None:
+        out = torch.empty(m, len(inputs_of) * blk, dtype=a.dtype, device=a.device)
 
     def chunk(m0: int) -> None:
         a_c, out_c = a[m0:m0 + M_CHUNK], out[m0:m0 + M_CHUNK]
@@ -122,21 +128,21 @@ def blocked_dds(
 
 
 def blocked_sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> BlockSparseMatrix:
-    """Live blocks of a [N, M] @ b [M, K]: per block-row i, a[i-block] @ b[:, cols of row i] in one GEMM."""
+    """Live blocks of a [N, M] @ b [M, K]: per block-row i, one [blk, M] @ [M, blk] GEMM per live block.
+
+    b's column slices go to MKL as strided operands (its packing copies them anyway; gathering them first cost
+    ~25% more here). a[i-block] is usually dY^T, a thin strided view: copied once per row to a contiguous [M, blk].
+    """
     blk, plan = layout.block_size, layout.host_plan
     m = a.shape[1]
     values = torch.empty(layout.num_blocks, blk, blk, dtype=a.dtype, device=a.device)
 
     def row(i: int) -> None:
-        blocks = plan.cols_of_row[i]
-        p0, p1 = plan.row_offsets[i], plan.row_offsets[i + 1]
-        # a[i-block] is usually dY^T: copy it as a contiguous [M, blk] (thin strided operands slow MKL down)
         lhs = _buffer("lhs", m * blk, a.dtype, a.device).view(m, blk)
         lhs.copy_(a[i * blk:(i + 1) * blk].t())
-        rhs = _gather_cols(b, blocks, blk)
-        prod = _buffer("prod", blk * len(blocks) * blk, a.dtype, a.device).view(blk, -1)
-        torch.mm(lhs.t(), rhs, out=prod)
-        values[p0:p1] = prod.view(blk, len(blocks), blk).transpose(0, 1)
+        p0 = plan.row_offsets[i]
+        for t, j in enumerate(plan.cols_of_row[i]):
+            torch.mm(lhs.t(), b[:, j * blk:(j + 1) * blk], out=values[p0 + t])
 
     _run([lambda i=i: row(i) for i, cols in enumerate(plan.cols_of_row) if cols], a.device)
     return BlockSparseMatrix(values, layout)

@@ -39,20 +39,29 @@ def _finish(kernel_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own matmul setting, so "faster than dense" compares like with like.
-    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _input_precision(dtype: torch.dtype):
+    # fp32 follows torch's own matmul setting, so "faster than dense" compares like with like; fp16/bf16 tiles
+    # go to the tensor cores whatever this says (None: Triton's default).
+    if interpreting():
+        return "ieee"
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return None
 
 
-def _dds_tiles(block: int) -> tuple[int, int, int]:
+def _stages(tile_elems: int, dtype: torch.dtype, most: int) -> int:
+    """Pipeline depth whose shared-memory buffers fit in ~160 KiB (A100 and H100 both have more)."""
+    per_stage = tile_elems * torch.tensor([], dtype=dtype).element_size()
+    return max(1, min(most, (160 * 1024) // per_stage))
+
+
+def _dds_tiles(block: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, num_stages); one config, no autotune (multi-config autotune fails in the interpreter)."""
     if block == 128:
-        return 64, 8, 3  # acc 64x128 fp32 = 32 KiB of registers across 8 warps
-    if block == 64:
-        return 128, 4, 3
-    return 128, 4, 4  # 16/32: short inner tiles, deeper pipeline hides the index loads
+        block_m, warps = 64, 8  # acc 64x128 fp32 = 32 KiB of registers across 8 warps
+    else:
+        block_m, warps = 128, 4
+    return block_m, warps, _stages(block_m * block + block * block, dtype, 3 if block >= 64 else 4)
 
 
 def dds(
@@ -78,7 +87,7 @@ def dds(
     else:  # dX = dY W: walk block-columns of W through the column-major permutation; tile = W_block
         offsets, inner, perm = layout.col_offsets, layout.transpose_row_indices, layout.transpose_perm
         stride_vk, stride_vn, has_perm = v.stride(1), v.stride(2), True
-    block_m, warps, stages = _dds_tiles(blk)
+    block_m, warps, stages = _dds_tiles(blk, a.dtype)
     grid = (n_out // blk, triton_cdiv(m, block_m))
     kout = _kernel_out(out)
     _kernels().dds_kernel[grid](
@@ -136,7 +145,7 @@ def sdd(
         b.stride(0), b.stride(1),
         stride_os, *pstrides,
         UPCAST=_upcast(a.dtype), INPUT_PRECISION=_input_precision(a.dtype), BLOCK=blk, BLOCK_M=block_m,
-        num_warps=8 if blk == 128 else 4, num_stages=3,
+        num_warps=8 if blk == 128 else 4, num_stages=_stages(2 * blk * block_m, a.dtype, 3),
     )
     if splits > 1:
         return out.copy_(partial.sum(0))
