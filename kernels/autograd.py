@@ -46,7 +46,7 @@ def block_sparse_linear(
     """x [..., K] -> [..., N] = x @ W^T + bias, W a BlockSparseMatrix of shape [N, K] (nn.Linear layout).
 
     backend: None picks automatically (CUDA -> "triton", CPU -> "torch", or "dense" above
-    ops.DENSE_THRESHOLD density); "triton" / "torch" / "dense" force one (see ops.py).
+    ops.DENSE_THRESHOLD[block_size] density); "triton" / "torch" / "dense" force one (see ops.py).
     """
     if not isinstance(weight, BlockSparseMatrix):
         raise ValueError(f"weight must be a BlockSparseMatrix, got {type(weight).__name__}")
@@ -59,7 +59,7 @@ def block_sparse_linear(
             "cast/move one to match"
         )
     ops.check_bias(bias, n, weight.dtype, weight.device)
-    backend = ops.resolve_backend(backend, x.device, weight.layout.density)
+    backend = ops.resolve_backend(backend, x.device, weight.layout)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # leading batch dims flattened: a view when x is contiguous
     y = BlockSparseLinearFunction.apply(x2, weight.values, bias, weight.layout, backend)

@@ -9,7 +9,7 @@ Each checks its inputs (one-line ValueErrors) and dispatches to a backend:
     "triton"  Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, as the tests do)
     "torch"   the blocked pure-torch path (cpu.py): gathered GEMMs over block-rows, any device
     "dense"   masked dense: build W densely, one GEMM (faster than "torch" at high density)
-    None      automatic: CUDA -> "triton"; CPU -> "torch" at density <= DENSE_THRESHOLD, else "dense"
+    None      automatic: CUDA -> "triton"; CPU -> "torch" at density <= DENSE_THRESHOLD[block], else "dense"
 
 These ops are not differentiable; `block_sparse_linear` (autograd.py) is.
 """
@@ -22,19 +22,21 @@ import torch
 from . import cpu
 from .layout import BlockSparseLayout, BlockSparseMatrix
 
-# CPU: above this density the masked-dense GEMM beats the blocked path (docs/kernels.md: at density 0.5 blocked
-# fwd+bwd ran ~0.9-1.2x dense with 64-blocks, at 0.2 ~3x), so "auto" switches to "dense" here.
-DENSE_THRESHOLD = 0.4
+# CPU, per block size: above this density the masked-dense GEMM beats the blocked path, so "auto" switches to
+# "dense". Measured fwd+bwd break-even on the 2-core dev box, 768->3072, M=8192 (docs/kernels.md): 16-blocks
+# ~0.2 (1.0x at 0.2), 32-blocks ~0.4 (1.05x at 0.4), 64-blocks ~0.6 (1.06x at 0.6, 0.88x at 0.75), 128-blocks
+# 1.7x at 0.4 (same as 64 at 0.35, so 0.6 too).
+DENSE_THRESHOLD = {16: 0.2, 32: 0.4, 64: 0.6, 128: 0.6}
 BACKENDS = ("triton", "torch", "dense")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def resolve_backend(backend: Optional[str], device: torch.device, density: float) -> str:
+def resolve_backend(backend: Optional[str], device: torch.device, layout: BlockSparseLayout) -> str:
     """The backend a call will use: `backend` if given (checked), else the automatic choice."""
     if backend is None or backend == "auto":
         if device.type == "cuda":
             return "triton"
-        return "dense" if density > DENSE_THRESHOLD else "torch"
+        return "dense" if layout.density > DENSE_THRESHOLD[layout.block_size] else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for automatic")
     if backend == "triton" and device.type != "cuda":
@@ -96,7 +98,7 @@ def dds(
             f"(weight shape {b.shape}); pass transpose_b={not transpose_b} or fix the input"
         )
     check_bias(bias, n_out, b.dtype, b.device)
-    backend = resolve_backend(backend, a.device, b.layout.density)
+    backend = resolve_backend(backend, a.device, b.layout)
     _check_triton_dtype(backend, a.dtype)
     if backend == "triton":
         from . import launchers
@@ -137,7 +139,7 @@ def sdd(
         raise ValueError(
             f"a {tuple(a.shape)} @ b {tuple(b.shape)} does not give the layout's shape {layout.shape}"
         )
-    backend = resolve_backend(backend, a.device, layout.density)
+    backend = resolve_backend(backend, a.device, layout)
     _check_triton_dtype(backend, a.dtype)
     if backend == "triton":
         from . import launchers

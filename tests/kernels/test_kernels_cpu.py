@@ -2,10 +2,10 @@
 float64, and the automatic dispatch that must never hand CPU tensors to Triton."""
 import pytest
 import torch
-from kernel_cases import LAYOUTS, SIZE_IDS, SIZES, TOL, make_case
+from kernel_cases import LAYOUTS, SIZE_IDS, SIZES, TOL, make_case, make_layout
 
 from sparse_nlp.kernels import (
-    DENSE_THRESHOLD, BlockSparseMatrix, block_sparse_linear, dds, dsd, resolve_backend, sdd,
+    DENSE_THRESHOLD, BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, dds, dsd, resolve_backend, sdd,
 )
 from sparse_nlp.kernels.reference import reference_dds, reference_linear, reference_sdd
 
@@ -87,11 +87,13 @@ def test_no_grad_needed_for_x_or_bias():
 
 
 def test_auto_dispatch_never_sends_cpu_tensors_to_triton(monkeypatch):
-    assert resolve_backend(None, torch.device("cpu"), 0.1) == "torch"
-    assert resolve_backend(None, torch.device("cpu"), min(1.0, DENSE_THRESHOLD + 0.1)) == "dense"
-    assert resolve_backend(None, torch.device("cuda"), 0.1) == "triton"
+    sparse, dense = BlockSparseLayout.random((64, 640), 32, 0.1), make_layout("dense", 64, 640, 32)
+    assert sparse.density <= DENSE_THRESHOLD[32] < dense.density
+    assert resolve_backend(None, torch.device("cpu"), sparse) == "torch"
+    assert resolve_backend(None, torch.device("cpu"), dense) == "dense"
+    assert resolve_backend(None, torch.device("cuda"), sparse) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' got cpu tensors"):
-        resolve_backend("triton", torch.device("cpu"), 0.1)
+        resolve_backend("triton", torch.device("cpu"), sparse)
     x, _, _, w = make_case(9, 64, 48, 16)
     torch.testing.assert_close(block_sparse_linear(x, w), reference_linear(x, w))  # no Triton involved
