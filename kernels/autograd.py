@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import cpu, ops
 from .layout import BlockSparseLayout, BlockSparseMatrix
 
 
@@ -28,13 +28,23 @@ class BlockSparseLinearFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous() if grad_y.stride(-1) != 1 else grad_y  # e.g. expanded grads of .sum()
         w = BlockSparseMatrix(values, ctx.layout)
         grad_x = grad_values = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ops.dds(grad_y, w, transpose_b=False, backend=ctx.backend)  # [M, K]
-        if ctx.needs_input_grad[1]:
-            grad_values = ops.sdd(grad_y.t(), x, ctx.layout, backend=ctx.backend).values  # [nnz, b, b]
+        if ctx.backend == "torch" and grad_y.device.type == "cpu":  # both products on the thread pool at once
+            grad_x, grad_values = cpu.blocked_linear_backward(grad_y, x, w, *ctx.needs_input_grad[:2])
+        else:
+            grad_x, grad_values = _backward_products(ctx, grad_y, x, w)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(0)
         return grad_x, grad_values, grad_bias, None, None
+
+
+def _backward_products(ctx, grad_y, x, w):
+    """dX = dds(dY, W) and dW = sdd(dY^T, X) through ops (Triton, dense, or torch off-CPU)."""
+    grad_x = grad_values = None
+    if ctx.needs_input_grad[0]:
+        grad_x = ops.dds(grad_y, w, transpose_b=False, backend=ctx.backend)  # [M, K]
+    if ctx.needs_input_grad[1]:
+        grad_values = ops.sdd(grad_y.t(), x, ctx.layout, backend=ctx.backend).values  # [nnz, b, b]
+    return grad_x, grad_values
 
 
 def block_sparse_linear(

@@ -98,6 +98,12 @@ def blocked_dds(
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """a [M, K_in] @ (b^T if transpose_b else b) (+ bias) with one gathered GEMM per output block."""
+    out, tasks = _dds_tasks(a, b, transpose_b, bias, out)
+    _run(tasks, a.device)
+    return out
+
+
+def _dds_tasks(a, b, transpose_b, bias, out) -> tuple[torch.Tensor, list[Callable[[], None]]]:
     layout, blk = b.layout, b.layout.block_size
     plan = layout.host_plan
     v = b.values.detach()
@@ -123,8 +129,7 @@ def blocked_dds(
             x = _gather_cols(a_c, blocks, blk)
             torch.mm(x, w, out=o) if bias_n is None else torch.addmm(bias_n, x, w, out=o)
 
-    _run([lambda m0=m0: chunk(m0) for m0 in range(0, m, M_CHUNK)], a.device)
-    return out
+    return out, [lambda m0=m0: chunk(m0) for m0 in range(0, m, M_CHUNK)]
 
 
 def blocked_sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> BlockSparseMatrix:
@@ -133,6 +138,12 @@ def blocked_sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> 
     b's column slices go to MKL as strided operands (its packing copies them anyway; gathering them first cost
     ~25% more here). a[i-block] is usually dY^T, a thin strided view: copied once per row to a contiguous [M, blk].
     """
+    values, tasks = _sdd_tasks(a, b, layout)
+    _run(tasks, a.device)
+    return BlockSparseMatrix(values, layout)
+
+
+def _sdd_tasks(a, b, layout) -> tuple[torch.Tensor, list[Callable[[], None]]]:
     blk, plan = layout.block_size, layout.host_plan
     m = a.shape[1]
     values = torch.empty(layout.num_blocks, blk, blk, dtype=a.dtype, device=a.device)
@@ -144,8 +155,23 @@ def blocked_sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> 
         for t, j in enumerate(plan.cols_of_row[i]):
             torch.mm(lhs.t(), b[:, j * blk:(j + 1) * blk], out=values[p0 + t])
 
-    _run([lambda i=i: row(i) for i, cols in enumerate(plan.cols_of_row) if cols], a.device)
-    return BlockSparseMatrix(values, layout)
+    return values, [lambda i=i: row(i) for i, cols in enumerate(plan.cols_of_row) if cols]
+
+
+def blocked_linear_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix, need_x: bool, need_w: bool
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dX = dY @ W and dW = (dY^T @ X) on live blocks, as one batch of tasks (no idle tail between them)."""
+    grad_x = grad_values = None
+    tasks: list[Callable[[], None]] = []
+    if need_w:  # the longer tasks first
+        grad_values, more = _sdd_tasks(grad_y.t(), x, w.layout)
+        tasks += more
+    if need_x:
+        grad_x, more = _dds_tasks(grad_y, w, False, None, None)
+        tasks += more
+    _run(tasks, grad_y.device)
+    return grad_x, grad_values
 
 
 def dense_dds(

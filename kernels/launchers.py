@@ -134,7 +134,10 @@ def sdd(
     block_m = 64 if blk == 128 else 128
     per_split = triton_cdiv(triton_cdiv(m, splits), block_m) * block_m
     splits = triton_cdiv(m, per_split)
-    partial = _kernel_out(out) if splits == 1 else torch.empty(splits, nnz, blk, blk, dtype=torch.float32, device=a.device)
+    if splits == 1:
+        partial = _kernel_out(out)
+    else:  # fp32 partial sums, one slab per range of M
+        partial = torch.empty(splits, nnz, blk, blk, dtype=torch.float32, device=a.device)
     stride_os = 0 if splits == 1 else partial.stride(0)
     pstrides = partial.stride()[-3:]
     _kernels().sdd_kernel[(nnz, splits)](
