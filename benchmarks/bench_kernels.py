@@ -1,6 +1,6 @@
 """Block-sparse linear vs dense nn.functional.linear: forward, backward, forward+backward, one table.
 
-    python benchmarks/bench_kernels.py --quick          # CPU: the 5 GPT-2 shapes at 64-blocks, ~5 min on 2 cores
+    python benchmarks/bench_kernels.py --quick          # CPU: 5 GPT-2 shapes, 64-blocks, densities 0.2/0.1: ~2-3 min on 2 cores
     python benchmarks/bench_kernels.py                  # full grid: densities 0.5/0.2/0.1/0.05 x blocks 32/64/128
     python benchmarks/bench_kernels.py --dtype bf16     # on GPU; adds torch's bsr_dense_mm (forward) as yardstick
 
