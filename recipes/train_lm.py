@@ -116,9 +116,15 @@ class LMTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=25, metadata={"help": "Log loss and sparsity every N steps."})
     save_steps: float = field(default=100, metadata={"help": "Checkpoint every N steps (for resuming)."})
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept per run."})
+    ddp_find_unused_parameters: Optional[bool] = field(
+        default=False, metadata={"help": "DDP: look for parameters without gradients (none in a causal LM)."}
+    )
     dense_baseline: bool = field(
         default=True, metadata={"help": "Also train a dense model of the same shape on the same tokens."}
     )
+
+
+RECIPE_SPARSITY_DEFAULTS = {"update_interval": 50}  # 8 topology updates in the default 400-step run
 
 
 def _sparsity_arguments() -> type:
@@ -135,6 +141,9 @@ def _sparsity_arguments() -> type:
             metadata["help"] += " Default: magnitude with --model_name_or_path, else random."
         else:
             hint = hints[f.name]
+        if f.name in RECIPE_SPARSITY_DEFAULTS:
+            default = RECIPE_SPARSITY_DEFAULTS[f.name]
+            metadata["help"] += f" Recipe default: {default}."
         specs.append((f.name, hint, field(default=default, metadata=metadata)))
     return dataclasses.make_dataclass("SparsityArguments", specs)
 
@@ -149,6 +158,10 @@ def parse_args(argv=None):
     if options["init"] is None:
         options["init"] = "magnitude" if model_args.model_name_or_path else "random"
     sparsity = SparsityConfig(**options, seed=training_args.seed)  # raises one-line ValueErrors
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:  # e.g. torchrun on a machine without GPUs
+        raise ValueError(f"{launched} processes were launched but the Trainer set up no distributed training; "
+                         "on CPUs add --use_cpu (DDP over gloo).")
     return model_args, data_args, sparsity, training_args
 
 
@@ -174,7 +187,17 @@ def build_model(model_args: ModelArguments, tokenizer) -> torch.nn.Module:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {model_args.model_name_or_path} embeds "
                              f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer.")
-        return model
+    else:
+        model = AutoModelForCausalLM.from_config(_new_model_config(model_args, tokenizer))
+    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and model_args.seq_length > positions:
+        raise ValueError(f"--seq_length {model_args.seq_length} is longer than the model's {positions} positions.")
+    if getattr(model, "loss_type", None) is None:  # class names like GPT2LMHeadModel do not tell transformers
+        model.loss_type = "ForCausalLM"
+    return model
+
+
+def _new_model_config(model_args: ModelArguments, tokenizer):
     if model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name)
     else:
@@ -183,10 +206,7 @@ def build_model(model_args: ModelArguments, tokenizer) -> torch.nn.Module:
         config.update_from_string(model_args.config_overrides)
     config.vocab_size = len(tokenizer)
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_config(config)
-    if getattr(model, "loss_type", None) is None:  # class names like GPT2LMHeadModel do not tell transformers
-        model.loss_type = "ForCausalLM"
-    return model
+    return config
 
 
 def prepare_data(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):

@@ -1,15 +1,18 @@
 """Two CPU processes on gloo (DDP through the Trainer): every rank ends with the same masks and weights.
 
-``accelerate.debug_launcher`` forks two processes with a gloo process group; the Trainer wraps the model in DDP.
+The test starts ``torchrun --standalone --nproc_per_node 2`` on this file (a fresh process: forking the pytest
+process after torch has run OpenMP work can hang). ``--use_cpu`` makes the Trainer set up DDP over gloo.
 SparseTrainer turns DDP's per-forward buffer broadcast off, so equal masks here are the controller's doing.
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import debug_launcher
 
 from sparse_nlp import SparseTrainer, SparsityConfig, sparse_layers
 from trainer_helpers import RandomTokens, tiny_args, tiny_gpt2
@@ -38,9 +41,18 @@ def _train_and_gather(output_dir):
 
 
 def test_two_ranks_hold_identical_masks(tmp_path):
-    debug_launcher(_train_and_gather, args=(str(tmp_path),), num_processes=2)
+    here = Path(__file__).resolve()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(here),
+               str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
     rank0, rank1 = gathered["masks"]
     assert torch.equal(rank0, rank1)
     assert rank0.sum() > 0 and abs(rank0.float().mean().item() - 0.2) < 1e-3
     torch.testing.assert_close(gathered["weights"][0], gathered["weights"][1], rtol=0, atol=0)
+
+
+if __name__ == "__main__":  # one rank of the torchrun above
+    _train_and_gather(sys.argv[1])
