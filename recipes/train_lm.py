@@ -41,7 +41,14 @@ from sparse_nlp import SparseTrainer, SparsityConfig, unsparsify
 from sparse_nlp.config import DENSE
 from sparse_nlp.data import load_text_dataset, tokenize_and_pack
 from sparse_nlp.evaluation import concatenate_token_ids, evaluate_perplexity
-from sparse_nlp.reporting import RunResult, count_parameters, format_table, linear_density, write_results
+from sparse_nlp.reporting import (
+    RunResult,
+    count_parameters,
+    describe_compute_path,
+    format_table,
+    linear_density,
+    write_results,
+)
 from sparse_nlp.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer
 
 # The default model: GPT-2's architecture at nanoGPT's "baby" scale, sized so that the sparse and the dense run
@@ -285,6 +292,7 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
         tokens_per_second=output.metrics["train_samples_per_second"] * model_args.seq_length,
         train_seconds=output.metrics["train_runtime"],
         topology_updates=controller.update_count if controller is not None else 0,
+        compute_path=describe_compute_path(model),
     )
     if controller is not None:
         unsparsify(model)  # the final model is a plain transformers model: masked weights are exact zeros

@@ -30,11 +30,13 @@ class RunResult:
     tokens_per_second: float  # training throughput, all ranks together
     train_seconds: float  # wall time of training (evaluation excluded)
     topology_updates: int = 0
+    compute_path: str = "dense"  # how the linear layers computed: see describe_compute_path
 
 
 COLUMNS = (  # (header, how to format a row)
     ("run", lambda r: r.run),
     ("method", lambda r: r.method),
+    ("path", lambda r: r.compute_path),
     ("density", lambda r: f"{r.density:.3f}"),
     ("nonzero params", lambda r: f"{r.nonzero_params / 1e6:.2f}M of {r.total_params / 1e6:.2f}M"),
     ("val ppl", lambda r: _ppl(r.val_perplexity)),
@@ -46,14 +48,19 @@ COLUMNS = (  # (header, how to format a row)
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(nonzero, total) parameters, each shared tensor once; a sparse layer counts its active weights only."""
-    active = {id(layer.weight): layer.nonzeros for _, layer in sparse_layers(model)}
+    sparse = {id(layer.weight): layer for _, layer in sparse_layers(model)}
     seen, nonzero, total = set(), 0, 0
     for param in model.parameters():  # parameters() already yields a tied tensor once
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
-        nonzero += active.get(id(param), param.numel())
+        layer = sparse.get(id(param))
+        if layer is None:
+            total += param.numel()
+            nonzero += param.numel()
+        else:  # a block-sparse layer stores only its live blocks: count its dense shape in the total
+            total += layer.weight_shape[0] * layer.weight_shape[1]
+            nonzero += layer.nonzeros
     return nonzero, total
 
 
@@ -96,4 +103,27 @@ def linear_density(model: nn.Module) -> float:
     layers = sparse_layers(model)
     if not layers:
         return 1.0
-    return sum(layer.nonzeros for _, layer in layers) / sum(layer.mask.numel() for _, layer in layers)
+    return sum(layer.nonzeros for _, layer in layers) / sum(l.weight_shape[0] * l.weight_shape[1] for _, l in layers)
+
+
+def describe_compute_path(model: nn.Module) -> str:
+    """How the linear layers compute, e.g. "dense", "masked dense", "block 64: torch x14, dense x2".
+
+    Block-sparse layers name the kernel backend each one dispatches to at its current density and device
+    (triton on GPU; on CPU the blocked torch path, or masked dense above the measured break-even density).
+    """
+    from sparse_nlp.block_layers import BlockSparseLinear
+    from sparse_nlp.kernels import resolve_backend
+
+    layers = [layer for _, layer in sparse_layers(model)]
+    if not layers:
+        return "dense"
+    blocks = [layer for layer in layers if isinstance(layer, BlockSparseLinear)]
+    if not blocks:
+        return "masked dense"
+    counts: dict[str, int] = {}
+    for layer in blocks:
+        backend = resolve_backend(None, layer.values.device, layer.layout)
+        counts[backend] = counts.get(backend, 0) + 1
+    usage = ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda item: -item[1]))
+    return f"block {blocks[0].block_size}: {usage}"

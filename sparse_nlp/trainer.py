@@ -24,12 +24,13 @@ from safetensors import safe_open
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from sparse_nlp.block_layers import BlockSparseLinear
 from sparse_nlp.callback import CONTROLLER_FILE, SparsityCallback
 from sparse_nlp.config import DENSE, SparsityConfig
 from sparse_nlp.controller import SparsityController
 from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers, sparsify
 
-MATCHED_SETTINGS = ("density", "method", "distribution")  # a resumed or pre-sparsified run must agree on these
+MATCHED_SETTINGS = ("density", "method", "distribution", "block_size")  # a resumed or pre-sparsified run must agree on these
 
 
 class SparseTrainer(Trainer):
@@ -141,12 +142,15 @@ def check_checkpoint(model: torch.nn.Module, folder: str, config: SparsityConfig
     if theirs is None:
         return  # not a safetensors checkpoint (e.g. DeepSpeed/FSDP): the Trainer's own loading checks it
     ours = model.state_dict()
-    ours_sparse, theirs_sparse = (any(k.endswith(".mask") for k in keys) for keys in (ours, theirs))
+    ours_sparse, theirs_sparse = (any(k.endswith((".mask", ".block_mask")) for k in keys) for keys in (ours, theirs))
+    resizable = {f"{name}.values" for name, layer in sparse_layers(model) if isinstance(layer, BlockSparseLinear)}
     if ours_sparse != theirs_sparse:
         what, this = ("a sparse", "dense") if theirs_sparse else ("a dense", "sparse")
         raise ValueError(f"checkpoint {folder} is from {what} run but this run is {this}; resume with the same --method.")
     stored = {t.data_ptr() for key, t in ours.items() if key in theirs}
     for key, tensor in ours.items():
+        if key in resizable and key in theirs and list(tensor.shape[1:]) == theirs[key][1:]:
+            continue  # live blocks: their number moves with the topology
         if key in theirs and list(tensor.shape) != theirs[key]:
             raise ValueError(
                 f"checkpoint {folder} is from a different model: {key} has shape {theirs[key]} there but "

@@ -176,3 +176,18 @@ def test_accelerate_launch_runs_the_recipe(text_files, tmp_path):
     worrying = [line for line in done.stderr.splitlines() if "warn" in line.lower() and "accelerate launch" not in line
                 and "To avoid this warning" not in line]
     assert not worrying, worrying
+
+
+def test_block_sparse_run_says_which_path_ran_and_resumes(text_files, tmp_path):
+    train, valid, cache = text_files
+    flags = _tiny_flags(tmp_path, cache, "--train_file", str(train), "--validation_file", str(valid),
+                        "--block_size", "16", "--dense_baseline", "false")
+    (first,) = train_lm.main(flags)
+    assert first.compute_path.startswith("block 16: ")
+    assert first.density == pytest.approx(10 / 48)  # 48 blocks of 16x16 in the sparse layers, 20% rounded: 10
+    assert first.nonzero_params < first.total_params
+    assert "| path" in (tmp_path / "results.md").read_text()
+    # resume the finished run for two more steps: live-block counts moved, the checkpoint still loads
+    flags[flags.index("--max_steps") + 1] = "6"
+    (resumed,) = train_lm.main(flags + ["--resume_from_checkpoint", "last"])
+    assert resumed.train_tokens == 6 * 16 * 32 and resumed.density == pytest.approx(10 / 48)
