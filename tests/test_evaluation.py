@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sparse_nlp.evaluation import (
+from sparse_nlp.lm.evaluation import (
     concatenate_token_ids,
     evaluate_perplexity,
     load_perplexity_metric,

@@ -75,7 +75,7 @@ def test_local_text_trains_sparse_and_dense(text_files, tmp_path, capsys):
 
 def test_pretrained_model_from_a_local_folder(text_files, tmp_path):
     train, valid, cache = text_files
-    from sparse_nlp.tokenizer import train_bpe_tokenizer
+    from sparse_nlp.lm.tokenizer import train_bpe_tokenizer
 
     folder = tmp_path / "pretrained"
     tiny_gpt2().save_pretrained(folder)

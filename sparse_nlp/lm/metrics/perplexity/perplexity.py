@@ -5,7 +5,7 @@
     metric.compute()  # {"perplexity": exp(22.1 / 12), "mean_nll": 22.1 / 12, "num_tokens": 12}
 
 Unlike the hub's "perplexity" metric, this one runs no model: the caller scores tokens with the
-model it is evaluating (sparse_nlp.evaluation.evaluate_perplexity does) and adds, per window of
+model it is evaluating (sparse_nlp.lm.evaluation.evaluate_perplexity does) and adds, per window of
 text, the summed NLL (natural log) of its scored tokens and their count. Perplexity is then
 exp(total NLL / total tokens): every token weighs the same, whichever window it was scored in.
 """
@@ -26,7 +26,7 @@ Returns:
     mean_nll (`float`): sum(nll_sum) / sum(token_count), in nats per token.
     num_tokens (`int`): sum(token_count).
 Examples:
-    >>> metric = evaluate.load("sparse_nlp/metrics/perplexity")
+    >>> metric = evaluate.load("sparse_nlp/lm/metrics/perplexity")
     >>> metric.compute(nll_sum=[2.0, 4.0], token_count=[1, 2])["mean_nll"]
     2.0
 """

@@ -69,7 +69,7 @@ def sotu_split_of(index: int) -> str:
 def load_sotu_corpus(cache_dir: str | Path | None = None) -> DatasetDict:
     """The 233 US State of the Union addresses 1790-2021 (CC0), split by whole speeches ~90/5/5.
 
-    Columns: year, president, party, text. See sparse_nlp/corpus/README.md for source and licence.
+    Columns: year, president, party, text. See sparse_nlp/lm/corpus/README.md for source and licence.
     """
     if not SOTU_CORPUS.is_file():
         raise DataInputError(f"embedded corpus {SOTU_CORPUS} is missing; reinstall sparse_nlp or run "
