@@ -20,7 +20,7 @@ import torch
 
 from .layout import BlockSparseLayout, BlockSparseMatrix, gather_blocks
 
-M_CHUNK = 1024  # rows per task for Y and dX: the gathered [M_CHUNK, w] operand stays in L2
+M_CHUNK = 512  # rows per task for Y and dX: the gathered [M_CHUNK, w] operand stays in L2 (1024: ~5% slower)
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
@@ -81,13 +81,20 @@ def _buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return buf[:numel]
 
 
-def _gather_cols(a: torch.Tensor, blocks: list[int], blk: int) -> torch.Tensor:
-    """a[:, blocks] as one contiguous [rows, len(blocks)*blk] operand (a view when there is one block)."""
+def _gather_cols(a: torch.Tensor, blocks: list[int], index: torch.Tensor, blk: int) -> torch.Tensor:
+    """a[:, blocks] as one contiguous [rows, len(blocks)*blk] operand (a view when there is one block).
+
+    One index_select over a's [rows, K/blk, blk] view (a must have unit column stride): ~5% faster than slicing
+    each block and concatenating, most of it Python overhead saved.
+    """
     if len(blocks) == 1:
         j = blocks[0]
         return a[:, j * blk:(j + 1) * blk]
-    out = _buffer("gather", a.shape[0] * len(blocks) * blk, a.dtype, a.device).view(a.shape[0], -1)
-    return torch.cat([a[:, j * blk:(j + 1) * blk] for j in blocks], dim=1, out=out)
+    rows = a.shape[0]
+    out = _buffer("gather", rows * len(blocks) * blk, a.dtype, a.device).view(rows, len(blocks), blk)
+    if a.stride(1) != 1:  # e.g. dsd's transposed operand: no block view, slice and concatenate instead
+        return torch.cat([a[:, j * blk:(j + 1) * blk] for j in blocks], dim=1, out=out.view(rows, -1))
+    return torch.index_select(a.view(rows, -1, blk), 1, index, out=out).view(rows, -1)
 
 
 def blocked_dds(
@@ -108,10 +115,10 @@ def _dds_tasks(a, b, transpose_b, bias, out) -> tuple[torch.Tensor, list[Callabl
     plan = layout.host_plan
     v = b.values.detach()
     if transpose_b:  # output block i = block-row i of W: stack W_ij^T vertically, row-major order
-        inputs_of, offsets = plan.cols_of_row, plan.row_offsets
+        inputs_of, indices, offsets = plan.cols_of_row, plan.cols_of_row_index, plan.row_offsets
         stack = v.transpose(1, 2).reshape(-1, blk)
     else:  # output block j = block-column j of W: stack W_ij vertically, column-major order
-        inputs_of, offsets = plan.rows_of_col, plan.col_offsets
+        inputs_of, indices, offsets = plan.rows_of_col, plan.rows_of_col_index, plan.col_offsets
         stack = v.index_select(0, plan.transpose_perm.to(v.device)).reshape(-1, blk)
     m = a.shape[0]
     if out is None:
@@ -126,7 +133,7 @@ def _dds_tasks(a, b, transpose_b, bias, out) -> tuple[torch.Tensor, list[Callabl
                 o.zero_() if bias_n is None else o.copy_(bias_n.expand_as(o))
                 continue
             w = stack[offsets[n] * blk:offsets[n + 1] * blk]
-            x = _gather_cols(a_c, blocks, blk)
+            x = _gather_cols(a_c, blocks, indices[n], blk)
             torch.mm(x, w, out=o) if bias_n is None else torch.addmm(bias_n, x, w, out=o)
 
     return out, [lambda m0=m0: chunk(m0) for m0 in range(0, m, M_CHUNK)]

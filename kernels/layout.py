@@ -167,6 +167,9 @@ class HostPlan:
         ro, co = self.row_offsets, self.col_offsets
         self.cols_of_row = [cols[ro[i]:ro[i + 1]] for i in range(len(ro) - 1)]  # block-cols live in row i
         self.rows_of_col = [rows_t[co[j]:co[j + 1]] for j in range(len(co) - 1)]  # block-rows live in col j
+        # The same lists as index tensors: one index_select gathers a block-row's inputs (cheaper than slice + cat).
+        self.cols_of_row_index = [torch.tensor(c, dtype=torch.long) for c in self.cols_of_row]
+        self.rows_of_col_index = [torch.tensor(r, dtype=torch.long) for r in self.rows_of_col]
         self.transpose_perm = layout.transpose_perm.long()
 
 
