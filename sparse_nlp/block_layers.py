@@ -13,6 +13,7 @@ from a hook on its output; the controller decides when (every step: ``exact``; a
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -30,6 +31,16 @@ def pool_blocks(dense: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean |x| of each block of a [out, in] tensor -> [out/b, in/b]."""
     rows, cols = block_grid(tuple(dense.shape), block_size)
     return dense.detach().float().abs().view(rows, block_size, cols, block_size).mean(dim=(1, 3))
+
+
+@functools.lru_cache(maxsize=None)
+def dense_grad_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where GEMMs in it are fast (CUDA with bf16, CPUs with AVX512-BF16/AMX through oneDNN), else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 class BlockSparseLinear(nn.Module):
@@ -132,7 +143,13 @@ class BlockSparseLinear(nn.Module):
 
     @torch.no_grad()
     def _add_dense_grad(self, grad_output: torch.Tensor, x: torch.Tensor) -> None:
-        dense = grad_output.reshape(-1, self.out_features).float().t() @ x.reshape(-1, self.in_features).float()
+        """Add this backward's dense dW = dY^T X to the sum, computed in bf16 where the hardware has fast bf16.
+
+        The sum only ranks absent blocks by mean |gradient|, so bf16 inputs (fp32 accumulation inside the GEMM,
+        fp32 sum across steps) are plenty, and the GEMM, the cost of the momentum window, runs ~2x faster.
+        """
+        dtype = dense_grad_dtype(grad_output.device)
+        dense = (grad_output.reshape(-1, self.out_features).to(dtype).t() @ x.reshape(-1, self.in_features).to(dtype)).float()
         if self.dense_grad_sum is None:
             self.dense_grad_sum = dense
         else:

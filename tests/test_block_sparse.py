@@ -57,6 +57,23 @@ def test_block_sparse_gradients_equal_masked_dense_gradients():
     torch.testing.assert_close(layer.values.grad, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_collected_dense_gradient_is_the_full_weight_gradient():
+    """What stands in for absent blocks' momentum: dY^T X over every block (bf16 GEMM where fast, fp32 sum)."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(48, 32))
+    sparsify(holder, density=0.5, block_size=BLOCK)
+    layer = holder[0]
+    layer.collect_dense_grad = True
+    x = torch.randn(5, 7, 48)
+    layer(x).pow(2).sum().backward()
+    layer.end_step(None)
+    dense_weight = layer.dense_weight().clone().requires_grad_(True)
+    torch.nn.functional.linear(x, dense_weight, layer.bias).pow(2).sum().backward()
+    average = layer.dense_grad_average()
+    assert average.dtype == torch.float32 and average.shape == dense_weight.shape
+    torch.testing.assert_close(average, dense_weight.grad, rtol=2e-2, atol=2e-2 * dense_weight.grad.abs().max().item())
+
+
 def test_memory_is_in_proportion_to_density():
     model = sparsify(build("gpt2").train(), density=0.25, block_size=BLOCK)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
