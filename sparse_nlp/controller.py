@@ -2,6 +2,9 @@
 
 Call ``step()`` after every ``optimizer.step()`` (and before ``zero_grad``): it zeroes masked weights, keeps the
 momentum statistics, advances the schedule and updates the topology when due. The optimizer is never wrapped.
+
+Each update's statistics come back from ``step()`` / ``update()``; ``density_history`` keeps every layer's density
+at the start and after each update (saved with the controller, so a resumed run keeps the whole history).
 """
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ class SparsityController:
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # growth draws; distinct from the init's
         self.step_count = 0
         self.update_count = 0
+        self.density_history: list[dict] = [self._density_record()]  # {"step": s, "densities": {layer: density}}
         self._plan_dense_grad_collection()
 
     # ---- training-loop hooks -------------------------------------------------------------------------------
@@ -121,11 +125,24 @@ class SparsityController:
         for _, layer in self.layers:
             layer.apply_mask()
 
+    @property
+    def planned_updates(self) -> int:
+        """Topology updates in the whole run (0 for a static mask)."""
+        return self.schedule.num_updates if self.schedule is not None else 0
+
     @torch.no_grad()
     def update(self) -> dict:
-        """Update the topology now (prune, redistribute, grow). Returns per-update statistics."""
+        """Update the topology now (prune, redistribute, grow). Returns the update's statistics:
+
+        - ``prune_rate``; ``pruned`` / ``grown``: units (weights, or blocks of block-sparse layers) the plans pruned
+          and grew; a unit regrown where it was just pruned counts in both;
+        - ``moved``: weights now active at a position that was absent before the update (block layers: blocks x
+          block_size^2); ``removed``: weights absent at a position that was active. A method that regrows what it
+          prunes (sparse momentum, RigL, SET) has ``moved == removed``; gradual pruning has ``moved == 0``.
+        """
         if self.schedule is None:  # static: the mask never changes
-            return {"prune_rate": 0.0, "pruned": 0, "grown": 0}
+            return {"prune_rate": 0.0, "pruned": 0, "grown": 0, "moved": 0, "removed": 0}
+        before = [layer.mask.clone() for _, layer in self.layers]
         prune_rate = self.schedule.prune_rate_at(self.step_count)
         states = [self._layer_state(i, name, layer) for i, (name, layer) in enumerate(self.layers)]
         plans = self.method.plan(states, prune_rate, self.schedule.progress(self.step_count))
@@ -148,11 +165,24 @@ class SparsityController:
                 self.momentum.reset(i, changed)
         self.apply_masks()
         self.update_count += 1
+        self.density_history.append(self._density_record())
+        moved, removed = self._changed_weights(before)
         return {
             "prune_rate": prune_rate,
             "pruned": sum(p.prune for p in plans),
             "grown": sum(p.grow for p in plans),
+            "moved": moved,
+            "removed": removed,
         }
+
+    def _changed_weights(self, before: list[torch.Tensor]) -> tuple[int, int]:
+        """(turned on, turned off) weights between the masks ``before`` and now, counted in weights."""
+        turned_on = turned_off = 0
+        for (_, layer), old in zip(self.layers, before):
+            unit = layer.block_size**2 if isinstance(layer, BlockSparseLinear) else 1
+            turned_on += int((layer.mask & ~old).sum()) * unit
+            turned_off += int((old & ~layer.mask).sum()) * unit
+        return turned_on, turned_off
 
     def _layer_state(self, index: int, name: str, layer) -> LayerState:
         if isinstance(layer, BlockSparseLinear):
@@ -186,6 +216,9 @@ class SparsityController:
     def prune_rate(self) -> float:
         return self.schedule.prune_rate_at(self.step_count) if self.schedule is not None else 0.0
 
+    def _density_record(self) -> dict:
+        return {"step": self.step_count, "densities": {r.name: r.density for r in self.report()}}
+
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Controller state. The masks themselves are buffers in the model's ``state_dict``."""
@@ -195,6 +228,7 @@ class SparsityController:
             "update_count": self.update_count,
             "generator": self.generator.get_state(),
             "momentum": self.momentum.state_dict(),
+            "density_history": list(self.density_history),
             "layers": {name: {"shape": list(layer.weight_shape), "nonzeros": layer.nonzeros} for name, layer in self.layers},
         }
 
@@ -223,5 +257,7 @@ class SparsityController:
                 )
         self.step_count = state["step_count"]
         self.update_count = state["update_count"]
+        # Absent in checkpoints of older versions: the history then starts here.
+        self.density_history = list(state.get("density_history") or [self._density_record()])
         self.generator.set_state(state["generator"])
         self.momentum.load_state_dict(state["momentum"])

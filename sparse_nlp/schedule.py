@@ -27,6 +27,11 @@ class TopologySchedule:
         """The last step that updates the topology (0: none does)."""
         return (self.end_step // self.update_interval) * self.update_interval
 
+    @property
+    def num_updates(self) -> int:
+        """How many topology updates the whole run makes."""
+        return self.last_update_step // self.update_interval
+
     def is_update_step(self, step: int) -> bool:
         return 0 < step <= self.last_update_step and step % self.update_interval == 0
 

@@ -48,7 +48,7 @@ def test_dynamic_methods_need_total_steps_static_does_not():
         SparsityController(model, torch.optim.SGD(model.parameters(), lr=0.1))
     static = sparsify(build("mlp"), density=0.5, method="static")
     controller = SparsityController(static, torch.optim.SGD(static.parameters(), lr=0.1))
-    assert controller.update() == {"prune_rate": 0.0, "pruned": 0, "grown": 0}
+    assert controller.update() == {"prune_rate": 0.0, "pruned": 0, "grown": 0, "moved": 0, "removed": 0}
 
 
 def test_explicit_config_overrides_stored_one():
