@@ -9,10 +9,13 @@
   the fp16 grad scaler skipped (inf/NaN gradients) changed no weight and is not a topology step.
 - ``on_save``: writes ``sparsity_controller.pt`` beside the model in each checkpoint. The masks themselves are
   buffers, saved in ``model.safetensors`` with the weights.
+- Console: one line per topology update (``print_updates``; rank 0, through tqdm so a progress bar stays intact),
+  e.g. ``update 3/8 (step 150): prune rate 0.35, moved 12,345 weights; densest h.0.attn.c_proj 0.45, ...``.
 - Logging: ``sparsity/density``, ``sparsity/prune_rate``, ``sparsity/updates`` and, on the first log after each
   topology update, one ``sparsity/<layer>`` density per layer. :class:`SparseTrainer` adds them to the logs before
-  they reach ``report_to`` (TensorBoard, ...); with a plain Trainer this callback adds them in ``on_log``, which
-  reaches ``trainer.state.log_history`` and callbacks after it but not the reporters that ran before it.
+  they reach ``report_to`` (TensorBoard, ...) and keeps the per-layer ones off the console. With a plain Trainer
+  this callback adds them in ``on_log``, after the reporters ran: the three overall metrics reach the printed log,
+  and all of them ``trainer.state.log_history``. The controller's ``density_history`` keeps every update's densities.
 """
 from __future__ import annotations
 
@@ -20,20 +23,31 @@ import os
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sparse_nlp.config import SparsityConfig
+from sparse_nlp.console import (
+    DENSITY_KEY,
+    PRUNE_RATE_KEY,
+    UPDATES_KEY,
+    format_update_line,
+    is_layer_density_key,
+    layer_density_key,
+)
 from sparse_nlp.controller import SparsityController
 
 CONTROLLER_FILE = "sparsity_controller.pt"  # controller state, inside each checkpoint folder
-DENSITY_KEY = "sparsity/density"
 
 
 class SparsityCallback(TrainerCallback):
-    def __init__(self, config: Optional[SparsityConfig] = None, *, log_layer_densities: bool = True):
+    def __init__(
+        self, config: Optional[SparsityConfig] = None, *, log_layer_densities: bool = True, print_updates: bool = True
+    ):
         self.config = config  # None: the config sparsify() stored on the model
         self.log_layer_densities = log_layer_densities
+        self.print_updates = print_updates  # one console line per topology update
         self.controller: Optional[SparsityController] = None
         self.resume_from_checkpoint: Optional[str] = None  # set by SparseTrainer.train; else found in output_dir
         self.skipped_steps = 0  # optimizer steps skipped by the grad scaler (not topology steps)
@@ -54,8 +68,11 @@ class SparsityCallback(TrainerCallback):
         if getattr(optimizer, "step_was_skipped", False):  # the grad scaler found inf/NaN: no weight changed
             self.skipped_steps += 1
             return
-        if self.controller.step() is not None:
+        update = self.controller.step()
+        if update is not None:
             self._layers_changed = True
+            if self.print_updates and state.is_world_process_zero:
+                tqdm.write(self.update_line(update))
 
     def on_save(self, args, state, control, **kwargs):
         if self.controller is None or not args.should_save:  # under DDP every rank holds the same state: rank 0 writes
@@ -69,22 +86,30 @@ class SparsityCallback(TrainerCallback):
         if logs is None or "loss" not in logs or DENSITY_KEY in logs or self.controller is None:
             return
         metrics = self.log_metrics()
-        logs.update(metrics)
+        logs.update({key: value for key, value in metrics.items() if not is_layer_density_key(key)})  # printed next
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
 
     # ---- logging -------------------------------------------------------------------------------------------
+    def update_line(self, update: dict) -> str:
+        """The console line of the update ``controller.step()`` just returned."""
+        controller = self.controller
+        return format_update_line(
+            controller.update_count, controller.planned_updates, controller.step_count, update,
+            controller.density_history[-1]["densities"], controller.density(),
+        )
+
     def log_metrics(self) -> dict[str, float]:
         """Sparsity metrics for the next training log (per-layer densities only after a topology change)."""
         if self.controller is None:
             return {}
         metrics = {
             DENSITY_KEY: self.controller.density(),
-            "sparsity/prune_rate": self.controller.prune_rate(),
-            "sparsity/updates": self.controller.update_count,
+            PRUNE_RATE_KEY: self.controller.prune_rate(),
+            UPDATES_KEY: self.controller.update_count,
         }
         if self.log_layer_densities and self._layers_changed:
-            metrics.update({f"sparsity/{r.name}": r.density for r in self.controller.report()})
+            metrics.update({layer_density_key(r.name): r.density for r in self.controller.report()})
             self._layers_changed = False
         return metrics
 

@@ -6,7 +6,8 @@
 
 Everything sparse happens in :class:`SparsityCallback` (which works in a plain Trainer too); this class adds:
 - the settings: ``sparsity_config=`` or the config ``sparsify`` stored on the model (``model.sparsity_config``);
-- sparsity metrics in the training logs *before* they reach ``report_to`` (TensorBoard, W&B, ...);
+- sparsity metrics in the training logs *before* they reach ``report_to`` (TensorBoard, W&B, ...), with the
+  per-layer densities kept off the console (see ``sparse_nlp.console``: one line per topology update instead);
 - a check, before anything is loaded, that ``resume_from_checkpoint`` is a checkpoint of this model and these
   sparsity settings (a one-line ``ValueError`` instead of a state-dict size-mismatch wall);
 - under DDP, no per-forward buffer broadcast (``ddp_broadcast_buffers=False`` unless set): the masks are buffers,
@@ -27,6 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sparse_nlp.block_layers import BlockSparseLinear
 from sparse_nlp.callback import CONTROLLER_FILE, SparsityCallback
 from sparse_nlp.config import DENSE, SparsityConfig
+from sparse_nlp.console import hide_layer_densities
 from sparse_nlp.controller import SparsityController
 from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers, sparsify
 
@@ -51,6 +53,7 @@ class SparseTrainer(Trainer):
         self.sparsity_callback = found[0] if found else SparsityCallback(config)
         if not found:
             self.add_callback(self.sparsity_callback)
+        hide_layer_densities(self.callback_handler)
 
     @property
     def sparsity_controller(self) -> Optional[SparsityController]:
