@@ -11,8 +11,10 @@ print their perplexities side by side.
     torchrun --standalone --nproc_per_node 2 recipes/train_lm.py --use_cpu    # DDP over gloo on CPUs
 
 Flags: every field below, every `SparsityConfig` field (its `seed` is `--seed`) and every `TrainingArguments`
-field (`--help` lists them). The table goes to stdout and to results.json / results.md in --output_dir; each run
-keeps its checkpoints and its final model (a plain transformers model, zeros included) in <output_dir>/<run>.
+field (`--help` lists them). Training prints one line per topology update; per-layer densities go to the
+`--report_to` backends only. The table goes to stdout and to results.json / results.md in --output_dir (with the
+loss curves and per-layer density histories), and training.png plots them (with matplotlib: pip install -e ".[plot]");
+each run keeps its checkpoints and its final model (a plain transformers model, zeros included) in <output_dir>/<run>.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from sparse_nlp import SparseTrainer, SparsityConfig, unsparsify
 from sparse_nlp.config import DENSE
 from sparse_nlp.lm.data import load_text_dataset, tokenize_and_pack
 from sparse_nlp.lm.evaluation import concatenate_token_ids, evaluate_perplexity
+from sparse_nlp.lm.plots import write_training_plot
 from sparse_nlp.lm.reporting import (
     RunResult,
     count_parameters,
@@ -293,6 +296,8 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
         train_seconds=output.metrics["train_runtime"],
         topology_updates=controller.update_count if controller is not None else 0,
         compute_path=describe_compute_path(model),
+        loss_history=[(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry],
+        density_history=list(controller.density_history) if controller is not None else [],
     )
     if controller is not None:
         unsparsify(model)  # the final model is a plain transformers model: masked weights are exact zeros
@@ -314,7 +319,12 @@ def run(model_args, data_args, sparsity, training_args) -> list[RunResult]:
             f"tokens. Total wall time {time.time() - start:.0f} s.",
         ]
         json_path, md_path = write_results(results, training_args.output_dir, notes)
-        print("\n" + format_table(results) + "\n\n" + notes[0] + f"\nWritten to {json_path} and {md_path}.")
+        written = [json_path, md_path]
+        try:
+            written.append(write_training_plot(results, os.path.join(training_args.output_dir, "training.png")))
+        except ImportError as err:  # matplotlib is optional
+            print(err)
+        print("\n" + format_table(results) + "\n\n" + notes[0] + f"\nWritten to {', '.join(written[:-1])} and {written[-1]}.")
     return results
 
 

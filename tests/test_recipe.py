@@ -62,15 +62,39 @@ def test_local_text_trains_sparse_and_dense(text_files, tmp_path, capsys):
     assert all(torch.isfinite(torch.tensor(r.val_perplexity)) for r in results) and sparse.test_perplexity is None
     printed = capsys.readouterr().out
     assert "| run " in printed and "| sparse" in printed and "| dense " in printed
+    # one compact line per topology update; per-layer densities only in the results files (and report_to)
+    assert "update 1/2 (step 2): prune rate " in printed and "update 2/2 (step 4): " in printed
+    assert "sparsity/transformer" not in printed
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["run"] for r in saved["runs"]] == ["sparse", "dense"]
-    assert (tmp_path / "results.md").read_text().startswith("| run")
+    history = saved["runs"][0]["density_history"]
+    assert [record["step"] for record in history] == [0, 2, 4] and len(history[-1]["densities"]) == 4
+    assert saved["runs"][1]["density_history"] == []
+    assert [step for step, _ in saved["runs"][0]["loss_history"]] == [2, 4] == [s for s, _ in saved["runs"][1]["loss_history"]]
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.startswith("| run") and "| h.0.attn.c_attn " not in markdown and "| attn.c_attn " in markdown
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"{tmp_path / 'results.md'} and {tmp_path / 'training.png'}." in printed
     # the final sparse model is a plain transformers model whose zeros are the mask
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
     weight = final.transformer.h[0].mlp.c_fc.weight
     assert 0 < (weight != 0).float().mean() < 0.5
+
+
+def test_without_matplotlib_the_recipe_says_how_to_get_the_plot(text_files, tmp_path, capsys, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError, as on a machine without it
+    train, valid, cache = text_files
+    train_lm.main(_tiny_flags(tmp_path, cache, "--train_file", str(train), "--validation_file", str(valid),
+                              "--dense_baseline", "false", "--max_steps", "2"))
+    printed = capsys.readouterr().out
+    hints = [line for line in printed.splitlines() if 'pip install -e ".[plot]"' in line]
+    assert len(hints) == 1 and "matplotlib is not installed" in hints[0]
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").is_file()
+    assert not (tmp_path / "training.png").exists() and "training.png." not in printed
 
 
 def test_pretrained_model_from_a_local_folder(text_files, tmp_path):
@@ -146,6 +170,7 @@ def test_resume_from_another_density_or_model_is_one_line(text_files, tmp_path):
     resumed = train_lm.main(_tiny_flags(tmp_path / "a", cache, *data, "--resume_from_checkpoint", "last",
                                         "--max_steps", "6"))
     assert resumed[0].topology_updates == 3 and resumed[0].train_tokens == 6 * 16 * 32
+    assert [record["step"] for record in resumed[0].density_history] == [0, 2, 4, 6]  # the history survived
 
 
 def test_use_all_cores_undoes_the_launchers_single_thread(monkeypatch):

@@ -2,18 +2,22 @@
 
     rows = [RunResult(run="sparse", method="momentum", density=0.2, ...), RunResult(run="dense", ...)]
     print(format_table(rows)); write_results(rows, "runs/train_lm")   # results.json + results.md
+
+results.json also holds each run's training-loss curve and per-layer density history; results.md a per-layer
+density table of each sparse run.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from sparse_nlp.console import short_layer_names
 from sparse_nlp.sparsify import sparse_layers
 
 
@@ -31,6 +35,8 @@ class RunResult:
     train_seconds: float  # wall time of training (evaluation excluded)
     topology_updates: int = 0
     compute_path: str = "dense"  # how the linear layers computed: see describe_compute_path
+    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss) per log
+    density_history: list[dict] = field(default_factory=list)  # controller.density_history: at the start, per update
 
 
 COLUMNS = (  # (header, how to format a row)
@@ -66,8 +72,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def format_table(rows: Sequence[RunResult]) -> str:
     """A plain-text table (also valid Markdown)."""
-    cells = [[header for header, _ in COLUMNS]] + [[fmt(row) for _, fmt in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return _aligned_table([[header for header, _ in COLUMNS]] + [[fmt(row) for _, fmt in COLUMNS] for row in rows])
+
+
+def _aligned_table(cells: Sequence[Sequence[str]]) -> str:
+    """Rows of cells (the first is the header) as an aligned Markdown table."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
@@ -83,7 +93,23 @@ def write_results(rows: Sequence[RunResult], output_dir: str, notes: Sequence[st
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(format_table(rows) + "\n")
         f.writelines(f"\n{note}\n" for note in notes)
+        for row in rows:
+            if row.density_history:
+                f.write(f"\nPer-layer density of the {row.run} run, by training step:\n\n")
+                f.write(format_density_table(row.density_history) + "\n")
     return json_path, md_path
+
+
+def format_density_table(history: Sequence[dict], max_columns: int = 9) -> str:
+    """Layers as rows, steps as columns (the start, the last update and evenly spaced ones between)."""
+    if len(history) > max_columns:
+        picks = sorted({round(i * (len(history) - 1) / (max_columns - 1)) for i in range(max_columns)})
+        history = [history[i] for i in picks]
+    names = list(history[0]["densities"])
+    short = short_layer_names(names)
+    header = ["layer"] + [f"step {record['step']}" for record in history]
+    body = [[short[name]] + [f"{record['densities'].get(name, math.nan):.3f}" for record in history] for name in names]
+    return _aligned_table([header] + body)
 
 
 def _ppl(value: Optional[float]) -> str:

@@ -1,0 +1,46 @@
+"""The recipe's training plot: a PNG of loss and per-layer density, and one clear message without matplotlib."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from sparse_nlp.lm.plots import INSTALL_HINT, is_attention_layer, write_training_plot
+from sparse_nlp.lm.reporting import RunResult
+
+LAYERS = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+          "transformer.h.0.mlp.c_proj"]
+
+
+def _result(run: str, density: float, with_history: bool) -> RunResult:
+    history = [{"step": step, "densities": {name: density + 0.01 * i * step for i, name in enumerate(LAYERS)}}
+               for step in (0, 5, 10)] if with_history else []
+    return RunResult(
+        run=run, method="momentum" if with_history else "dense", density=density, nonzero_params=1, total_params=2,
+        val_perplexity=10.0, test_perplexity=None, train_tokens=1, tokens_per_second=1.0, train_seconds=1.0,
+        loss_history=[(5, 4.0), (10, 3.5), (15, 3.2)], density_history=history,
+    )
+
+
+def test_attention_and_mlp_layers_are_told_apart():
+    attention = ["transformer.h.0.attn.c_attn", "model.layers.1.self_attn.q_proj", "bert.encoder.layer.0.attention.self.query",
+                 "model.decoder.layers.0.self_attn.out_proj"]
+    mlp = ["transformer.h.0.mlp.c_fc", "model.layers.1.mlp.down_proj", "bert.encoder.layer.0.intermediate.dense",
+           "model.decoder.layers.0.fc1"]
+    assert all(map(is_attention_layer, attention)) and not any(map(is_attention_layer, mlp))
+
+
+def test_training_plot_is_written_as_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "training.png"
+    assert write_training_plot([_result("sparse", 0.2, True), _result("dense", 1.0, False)], str(path)) == str(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_without_matplotlib_the_error_says_how_to_get_the_plot(tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError, as on a machine without it
+    with pytest.raises(ImportError, match="matplotlib is not installed") as error:
+        write_training_plot([_result("sparse", 0.2, True)], str(tmp_path / "training.png"))
+    assert INSTALL_HINT in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "training.png").exists()
