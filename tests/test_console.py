@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from sparse_nlp import SparseTrainer, SparsityCallback, SparsityConfig, SparsityController, sparse_layers, sparsify
 from sparse_nlp.block_layers import BlockSparseLinear
@@ -102,11 +102,23 @@ def _update_lines(text: str) -> list[tuple]:
     return UPDATE_LINE.findall(text)
 
 
+class RecordLogs(TrainerCallback):
+    """Sees the logs as report_to backends do (they run before the printer, on the same dict)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
 @pytest.mark.parametrize("progress_bar", [False, True])
 def test_console_shows_update_lines_not_layer_densities(tmp_path, capsys, progress_bar):
+    reporter = RecordLogs()
     trainer = SparseTrainer(
         model=tiny_gpt2(), args=tiny_args(tmp_path, max_steps=6, disable_tqdm=not progress_bar),
         train_dataset=RandomTokens(), sparsity_config=SparsityConfig(density=0.3, update_interval=2),
+        callbacks=[reporter],
     )
     trainer.train()
     printed = capsys.readouterr()
@@ -121,6 +133,7 @@ def test_console_shows_update_lines_not_layer_densities(tmp_path, capsys, progre
     assert "sparsity/transformer" not in console  # ... but no per-layer density
     step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in step_logs if "sparsity/transformer.h.0.mlp.c_fc" in entry] == [1, 2, 4, 6]
+    assert sum("sparsity/transformer.h.0.mlp.c_fc" in logs for logs in reporter.seen) == 4  # what report_to gets
 
 
 def test_plain_trainer_prints_update_lines_and_keeps_layer_densities_in_the_history(tmp_path, capsys):
