@@ -97,3 +97,14 @@ def test_auto_dispatch_never_sends_cpu_tensors_to_triton(monkeypatch):
         resolve_backend("triton", torch.device("cpu"), sparse)
     x, _, _, w = make_case(9, 64, 48, 16)
     torch.testing.assert_close(block_sparse_linear(x, w), reference_linear(x, w))  # no Triton involved
+
+
+def test_cpu_block_loops_compile_with_torchscript():
+    """The per-block loops run as TorchScript (no GIL between GEMMs); a change TorchScript cannot take must fail
+    here rather than silently fall back to the slower Python loop."""
+    from sparse_nlp.kernels import cpu
+
+    if not hasattr(torch.jit, "script"):
+        pytest.skip("this torch has no TorchScript")
+    assert isinstance(cpu._dds_output_blocks_compiled, torch.jit.ScriptFunction)
+    assert isinstance(cpu._sdd_block_row_compiled, torch.jit.ScriptFunction)
