@@ -24,6 +24,10 @@ import platform
 import statistics
 import time
 
+# Large CPU tensors on transparent huge pages (torch reads this once, at its first allocation): a fresh 100 MB
+# activation costs ~30 ms of 4 KiB page faults otherwise, for dense and sparse alike. The recipes set it too.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
@@ -35,8 +39,12 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 def build_model(args) -> GPT2LMHeadModel:
     torch.manual_seed(0)
+    # As recipes/train_lm.py trains: no dropout (LM pretraining that sees each token about once) and GPT-2's tanh
+    # GELU as one fused op (gelu_new spells it as 5 elementwise ops). Both cost dense and sparse runs the same.
     config = GPT2Config(n_embd=args.d_model, n_layer=args.layers, n_head=args.heads, vocab_size=args.vocab,
-                        n_positions=args.seq_len, bos_token_id=0, eos_token_id=0, loss_type="ForCausalLM")
+                        n_positions=args.seq_len, bos_token_id=0, eos_token_id=0,
+                        resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+                        activation_function="gelu_pytorch_tanh", loss_type="ForCausalLM")
     return GPT2LMHeadModel(config).train()
 
 
@@ -96,6 +104,7 @@ def parse_args(argv=None):
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.0, help="GPT-2's three dropouts (0: as the recipe)")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.1])
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--block_momentum", choices=["fast", "exact"], default="fast")
@@ -145,8 +154,8 @@ def main(argv=None) -> dict:
             "memory_vs_dense": variant.sparse_memory_ratio() if variant.density is not None else 1.0,
         })
     result = {"args": vars(args), "device": str(device), "machine": machine, "torch": torch.__version__, "rows": rows}
-    print(f"\nGPT-2 width {args.d_model}, {args.layers} layers, vocab {args.vocab}, {args.batch}x{args.seq_len} tokens "
-          f"per step, AdamW, {device} ({machine}); median of {args.rounds} full cycles of {args.cycle} steps "
+    print(f"\nGPT-2 width {args.d_model}, {args.layers} layers, vocab {args.vocab}, dropout {args.dropout}, "
+          f"{args.batch}x{args.seq_len} tokens per step, AdamW, {device} ({machine}); median of {args.rounds} full cycles of {args.cycle} steps "
           f"(dense dW in {args.window}, topology update at the end), interleaved\n")
     header = "| variant | " + " | ".join(f"{p} tokens/s | {p} vs dense" for p in args.precisions)
     print(header + " | sparse layers' weights + Adam state vs dense |")
