@@ -13,13 +13,13 @@ from a hook on its output; the controller decides when (every step: ``exact``; a
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
 from sparse_nlp import kernels
+from sparse_nlp.precision import has_fast_bf16
 
 
 def block_grid(weight_shape: tuple[int, int], block_size: int) -> tuple[int, int]:
@@ -33,14 +33,9 @@ def pool_blocks(dense: torch.Tensor, block_size: int) -> torch.Tensor:
     return dense.detach().float().abs().view(rows, block_size, cols, block_size).mean(dim=(1, 3))
 
 
-@functools.lru_cache(maxsize=None)
 def dense_grad_dtype(device: torch.device) -> torch.dtype:
     """bf16 where GEMMs in it are fast (CUDA with bf16, CPUs with AVX512-BF16/AMX through oneDNN), else fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if has_fast_bf16(device.type) else torch.float32
 
 
 class BlockSparseLinear(nn.Module):
