@@ -116,8 +116,9 @@ def _score_windows(model, stream: torch.Tensor, windows: list[tuple[int, int, in
         labels[row, first_target - begin:end - begin] = stream[first_target:end]
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B, T, V)
     targets = labels[:, 1:].to(device)  # logits at position t predict the token at t + 1
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                          ignore_index=IGNORE_INDEX, reduction="none")  # (B, T - 1), 0 where ignored
+    vocab = logits.shape[-1]  # rows of [B * (T - 1), V]: the softmax runs along contiguous memory (~2x faster on
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), targets.reshape(-1),  # CPU than (B, V, T))
+                          ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)  # 0 where ignored
     return nll.double().sum(dim=1).tolist(), (targets != IGNORE_INDEX).sum(dim=1).tolist()
 
 
