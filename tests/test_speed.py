@@ -1,0 +1,22 @@
+"""The recipe's kernel-speed line: measured on a model's own layer shapes, None when no layer fits the block."""
+from __future__ import annotations
+
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from sparse_nlp.lm.speed import measure_kernel_speedup
+
+
+def _gpt2(width: int) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=width, n_head=2, vocab_size=64, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def test_speedup_is_measured_on_the_models_block_divisible_layers():
+    speed = measure_kernel_speedup(_gpt2(64), tokens=64, density=0.5, block_size=16, repeats=2)
+    assert speed is not None and speed.speedup > 0
+    assert (speed.density, speed.block_size, speed.tokens) == (0.5, 16, 64)
+    assert "block 16, density 0.5" in speed.describe() and "--block_size 16" in speed.describe()
+
+
+def test_no_line_when_no_layer_divides_by_the_block():
+    assert measure_kernel_speedup(_gpt2(40), tokens=32, density=0.5, block_size=64, repeats=1) is None
