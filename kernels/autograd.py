@@ -47,6 +47,26 @@ def _backward_products(ctx, grad_y, x, w):
     return grad_x, grad_values
 
 
+def _autocast_operands(
+    x: torch.Tensor, weight: BlockSparseMatrix, bias: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, BlockSparseMatrix, Optional[torch.Tensor]]:
+    """Under autocast (the Trainer's --bf16 / --fp16) compute in its dtype, as nn.Linear does: x, values and bias
+    are cast here, outside the autograd Function, so gradients flow back through the casts to fp32 values and bias.
+    Only fp32/fp16/bf16 tensors are cast (autocast leaves fp64 alone too)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        castable = t is not None and t.dtype != dtype and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return t.to(dtype) if castable else t
+
+    values = cast(weight.values)
+    weight = weight if values is weight.values else BlockSparseMatrix(values, weight.layout)
+    return cast(x), weight, cast(bias)
+
+
 def block_sparse_linear(
     x: torch.Tensor,
     weight: BlockSparseMatrix,
@@ -60,6 +80,7 @@ def block_sparse_linear(
     """
     if not isinstance(weight, BlockSparseMatrix):
         raise ValueError(f"weight must be a BlockSparseMatrix, got {type(weight).__name__}")
+    x, weight, bias = _autocast_operands(x, weight, bias)
     n, k = weight.shape
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)} but the weight {weight.shape} expects last dim {k}")

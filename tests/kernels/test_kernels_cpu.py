@@ -108,3 +108,20 @@ def test_cpu_block_loops_compile_with_torchscript():
         pytest.skip("this torch has no TorchScript")
     assert isinstance(cpu._dds_output_blocks_compiled, torch.jit.ScriptFunction)
     assert isinstance(cpu._sdd_block_row_compiled, torch.jit.ScriptFunction)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+def test_autocast_computes_in_its_dtype_and_grads_reach_fp32_parameters(backend):
+    """The Trainer's --bf16: fp32 values and bias, inputs from autocast'd neighbours in bf16 or fp32."""
+    x, dy, bias, w = make_case(1100, 128, 96, 32)
+    values = w.values.detach().clone().requires_grad_()
+    bias = bias.detach().clone().requires_grad_()
+    for x_in in (x.detach().clone(), x.detach().bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block_sparse_linear(x_in, BlockSparseMatrix(values, w.layout), bias, backend=backend)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), reference_linear(x, w, bias), rtol=3e-2, atol=3e-2)
+        values.grad = bias.grad = None
+        y.backward(dy.bfloat16())
+        assert values.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+        torch.testing.assert_close(bias.grad, dy.sum(0), rtol=3e-2, atol=3e-1)
