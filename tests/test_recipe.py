@@ -187,6 +187,19 @@ def test_use_all_cores_undoes_the_launchers_single_thread(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_bf16_by_default_only_where_it_is_fast_and_never_over_the_users_choice(monkeypatch, cuda):
+    monkeypatch.setattr(train_lm.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(train_lm, "has_fast_bf16", lambda device_type: True)
+    on_cpu = [] if cuda else ["--use_cpu", "true"]
+    assert train_lm.with_default_precision(["--max_steps", "5"]) == ["--max_steps", "5", "--bf16", "true", *on_cpu]
+    assert train_lm.with_default_precision(["--use_cpu", "--x"]) == ["--use_cpu", "--x", "--bf16", "true"]
+    for chosen in (["--bf16", "false"], ["--bf16=false"], ["--fp16"], ["--fp16", "true"]):
+        assert train_lm.with_default_precision(chosen) == chosen
+    monkeypatch.setattr(train_lm, "has_fast_bf16", lambda device_type: False)  # emulated bf16: slower, stay fp32
+    assert train_lm.with_default_precision(["--max_steps", "5"]) == ["--max_steps", "5"]
+
+
 def test_accelerate_launch_runs_the_recipe(text_files, tmp_path):
     train, valid, cache = text_files
     command = ["accelerate", "launch", str(RECIPE), *_tiny_flags(tmp_path, cache, "--train_file", str(train),
