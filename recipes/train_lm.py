@@ -1,7 +1,7 @@
 """Train a sparse language model with sparse momentum, and a dense model of the same shape on the same tokens;
 print their perplexities side by side.
 
-    accelerate launch recipes/train_lm.py                                  # CPU-sized default: ~11 min on 2 cores
+    accelerate launch recipes/train_lm.py                                  # CPU-sized default: ~7 min on 2 cores (bf16)
     accelerate launch recipes/train_lm.py --method rigl --density 0.1      # any method / density
     accelerate launch recipes/train_lm.py --train_file a.txt --validation_file b.txt
     accelerate launch recipes/train_lm.py --model_name_or_path gpt2 --max_steps 2000   # pretrained: magnitude mask
