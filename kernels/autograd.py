@@ -54,7 +54,7 @@ def _autocast_operands(
     are cast here, outside the autograd Function, so gradients flow back through the casts to fp32 values and bias.
     Only fp32/fp16/bf16 tensors are cast (autocast leaves fp64 alone too)."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -90,7 +90,7 @@ def block_sparse_linear(
             "cast/move one to match"
         )
     ops.check_bias(bias, n, weight.dtype, weight.device)
-    backend = ops.resolve_backend(backend, x.device, weight.layout)
+    backend = ops.resolve_backend(backend, x.device, weight.layout, x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # leading batch dims flattened: a view when x is contiguous
     y = BlockSparseLinearFunction.apply(x2, weight.values, bias, weight.layout, backend)

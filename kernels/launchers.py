@@ -45,23 +45,48 @@ def _input_precision(dtype: torch.dtype):
     if interpreting():
         return "ieee"
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if tf32_enabled() else "ieee"
     return None
 
 
-def _stages(tile_elems: int, dtype: torch.dtype, most: int) -> int:
-    """Pipeline depth whose shared-memory buffers fit in ~160 KiB (A100 and H100 both have more)."""
+def tf32_enabled() -> bool:
+    """Whether torch's own fp32 matmuls on CUDA use TF32, read without mixing torch's two precision APIs.
+
+    Once the new `fp32_precision` API has been used (transformers does for --tf32), reading the legacy
+    `allow_tf32` (or get_float32_matmul_precision) raises; torch before that API has only the legacy flag.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the backend-wide setting
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
+def _shared_memory_bytes(device: Optional[torch.device]) -> int:
+    """Shared memory a block may opt into (H100/H200: 227 KiB); 160 KiB where torch does not say."""
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        found = getattr(props, "shared_memory_per_block_optin", 0)
+        if found:
+            return int(found) - 8 * 1024  # leave room for Triton's own scratch
+    return 160 * 1024
+
+
+def _stages(tile_elems: int, dtype: torch.dtype, most: int, device: Optional[torch.device] = None) -> int:
+    """Pipeline depth whose shared-memory buffers fit (fp32 at block 128: 2 stages on an H100, not 1)."""
     per_stage = tile_elems * torch.tensor([], dtype=dtype).element_size()
-    return max(1, min(most, (160 * 1024) // per_stage))
+    return max(1, min(most, _shared_memory_bytes(device) // per_stage))
 
 
-def _dds_tiles(block: int, dtype: torch.dtype) -> tuple[int, int, int]:
+def _dds_tiles(block: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, num_stages); one config, no autotune (multi-config autotune fails in the interpreter)."""
     if block == 128:
         block_m, warps = 64, 8  # acc 64x128 fp32 = 32 KiB of registers across 8 warps
     else:
         block_m, warps = 128, 4
-    return block_m, warps, _stages(block_m * block + block * block, dtype, 3 if block >= 64 else 4)
+    return block_m, warps, _stages(block_m * block + block * block, dtype, 3 if block >= 64 else 4, device)
 
 
 def dds(
@@ -87,9 +112,11 @@ def dds(
     else:  # dX = dY W: walk block-columns of W through the column-major permutation; tile = W_block
         offsets, inner, perm = layout.col_offsets, layout.transpose_row_indices, layout.transpose_perm
         stride_vk, stride_vn, has_perm = v.stride(1), v.stride(2), True
-    block_m, warps, stages = _dds_tiles(blk, a.dtype)
-    grid = (n_out // blk, triton_cdiv(m, block_m))
+    block_m, warps, stages = _dds_tiles(blk, a.dtype, a.device)
+    grid = dds_grid(m, n_out, blk, block_m)
     kout = _kernel_out(out)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[n] at unit stride
     _kernels().dds_kernel[grid](
         a, v, kout, bias if bias is not None else kout,
         offsets, inner, perm,
@@ -98,10 +125,16 @@ def dds(
         v.stride(0), stride_vk, stride_vn,
         kout.stride(0), kout.stride(1),
         HAS_PERM=has_perm, HAS_BIAS=bias is not None, UPCAST=_upcast(a.dtype),
-        INPUT_PRECISION=_input_precision(a.dtype), BLOCK=blk, BLOCK_M=block_m,
+        INPUT_PRECISION=_input_precision(a.dtype), BLOCK=blk, BLOCK_M=block_m, NUM_N=n_out // blk,
         num_warps=warps, num_stages=stages,
     )
     return _finish(kout, out)
+
+
+def dds_grid(m: int, n_out: int, block: int, block_m: int) -> tuple[int]:
+    """One flat grid axis of (output block, M tile) pairs, output blocks fastest (neighbours share rows of `a` in
+    L2). Axis 0 allows 2^31 - 1 programs; axes 1 and 2 only 65,535, which M = 8.4M rows of 128 would exceed."""
+    return ((n_out // block) * triton_cdiv(m, block_m),)
 
 
 def _num_splits(num_blocks: int, m: int, device: torch.device) -> int:
@@ -148,7 +181,7 @@ def sdd(
         b.stride(0), b.stride(1),
         stride_os, *pstrides,
         UPCAST=_upcast(a.dtype), INPUT_PRECISION=_input_precision(a.dtype), BLOCK=blk, BLOCK_M=block_m,
-        num_warps=8 if blk == 128 else 4, num_stages=_stages(2 * blk * block_m, a.dtype, 3),
+        num_warps=8 if blk == 128 else 4, num_stages=_stages(2 * blk * block_m, a.dtype, 3, a.device),
     )
     if splits > 1:
         return out.copy_(partial.sum(0))

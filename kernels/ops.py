@@ -9,7 +9,8 @@ Each checks its inputs (one-line ValueErrors) and dispatches to a backend:
     "triton"  Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, as the tests do)
     "torch"   the blocked pure-torch path (cpu.py): gathered GEMMs over block-rows, any device
     "dense"   masked dense: build W densely, one GEMM (faster than "torch" at high density)
-    None      automatic: CUDA -> "triton"; CPU -> "torch" at density <= DENSE_THRESHOLD[block], else "dense"
+    None      automatic: CUDA -> "triton" ("dense" for fp64 or a fully dense layout); CPU -> "torch" at
+              density <= DENSE_THRESHOLD[block], else "dense"
 
 These ops are not differentiable; `block_sparse_linear` (autograd.py) is.
 """
@@ -31,10 +32,18 @@ BACKENDS = ("triton", "torch", "dense")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def resolve_backend(backend: Optional[str], device: torch.device, layout: BlockSparseLayout) -> str:
-    """The backend a call will use: `backend` if given (checked), else the automatic choice."""
+def resolve_backend(
+    backend: Optional[str], device: torch.device, layout: BlockSparseLayout, dtype: Optional[torch.dtype] = None
+) -> str:
+    """The backend a call will use: `backend` if given (checked), else the automatic choice.
+
+    On CUDA the automatic choice is Triton, except where it cannot win or cannot run: a fully dense layout and
+    dtypes the kernels lack (fp64) go to cuBLAS through "dense".
+    """
     if backend is None or backend == "auto":
         if device.type == "cuda":
+            if (dtype is not None and dtype not in TRITON_DTYPES) or layout.density >= 1.0:
+                return "dense"
             return "triton"
         return "dense" if layout.density > DENSE_THRESHOLD[layout.block_size] else "torch"
     if backend not in BACKENDS:
@@ -98,7 +107,7 @@ def dds(
             f"(weight shape {b.shape}); pass transpose_b={not transpose_b} or fix the input"
         )
     check_bias(bias, n_out, b.dtype, b.device)
-    backend = resolve_backend(backend, a.device, b.layout)
+    backend = resolve_backend(backend, a.device, b.layout, a.dtype)
     _check_triton_dtype(backend, a.dtype)
     if backend == "triton":
         from . import launchers
@@ -139,7 +148,7 @@ def sdd(
         raise ValueError(
             f"a {tuple(a.shape)} @ b {tuple(b.shape)} does not give the layout's shape {layout.shape}"
         )
-    backend = resolve_backend(backend, a.device, layout)
+    backend = resolve_backend(backend, a.device, layout, a.dtype)
     _check_triton_dtype(backend, a.dtype)
     if backend == "triton":
         from . import launchers

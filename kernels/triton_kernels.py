@@ -18,7 +18,7 @@ def dds_kernel(
     stride_vp, stride_vk, stride_vn,
     stride_om, stride_on,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, NUM_N: tl.constexpr,
 ):
     """out[:, n-block] = sum over live blocks q of output block-column n: a[:, k_q-block] @ tile_q (+ bias).
 
@@ -26,8 +26,9 @@ def dds_kernel(
     launcher swaps the value strides). dX (= dY W): n is a block-column of W, q walks the column-major order and
     p = perm[q] finds the block in `values`. inner_idx[q] is the block index along a's columns.
     """
-    pid_n = tl.program_id(0)  # fastest axis: neighbouring programs share the same rows of `a` (L2 reuse)
-    pid_m = tl.program_id(1)
+    pid = tl.program_id(0)  # one flat axis (launchers.dds_grid): no 65,535 limit on the M tiles
+    pid_n = pid % NUM_N  # output blocks fastest: neighbouring programs share the same rows of `a` (L2 reuse)
+    pid_m = pid // NUM_N
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_b = tl.arange(0, BLOCK)
     mask_m = offs_m < M
@@ -71,8 +72,8 @@ def sdd_kernel(
     ranges of `m_per_split` rows (program axis 1) so that few live blocks still fill the GPU; the launcher sums
     the fp32 partials when there is more than one.
     """
-    p = tl.program_id(0)
-    split = tl.program_id(1)
+    p = tl.program_id(0).to(tl.int64)  # int64: split * stride_os + p * stride_op passes 2^31 on big layers
+    split = tl.program_id(1).to(tl.int64)
     i = tl.load(row_idx_ptr + p).to(tl.int64)
     j = tl.load(col_idx_ptr + p).to(tl.int64)
     offs_b = tl.arange(0, BLOCK)

@@ -149,7 +149,7 @@ def describe_compute_path(model: nn.Module) -> str:
         return "masked dense"
     counts: dict[str, int] = {}
     for layer in blocks:
-        backend = resolve_backend(None, layer.values.device, layer.layout)
+        backend = resolve_backend(None, layer.values.device, layer.layout, layer.values.dtype)
         counts[backend] = counts.get(backend, 0) + 1
     usage = ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda item: -item[1]))
     return f"block {blocks[0].block_size}: {usage}"
