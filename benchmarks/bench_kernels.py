@@ -11,6 +11,7 @@ Ratio = dense time / our time (higher is better). Does not import datasets/evalu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--densities", type=float, nargs="*", default=None)
     ap.add_argument("--blocks", type=int, nargs="*", default=None)
     ap.add_argument("--shapes", type=str, nargs="*", default=None, help="e.g. 768x3072 (in x out)")
+    ap.add_argument("--output", default=None, help="also write the rows here as JSON")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -117,6 +119,7 @@ def main() -> None:
     if device.type == "cuda":
         head += f" | {'bsr fwd':>8} {'x':>5}"
     print(head)
+    records = []
     for k, n in shapes:
         x = torch.randn(args.tokens, k, device=device, generator=None).to(dtype).requires_grad_()
         w_dense = (torch.randn(n, k, device=device) / k**0.5).to(dtype).requires_grad_()
@@ -129,14 +132,24 @@ def main() -> None:
                 dense, ours = _cases(x, w_dense, bias, w_sparse, args.backend)
                 row = f"{k:>5}->{n:<5} {b:>3} {layout.density:>5.2f} | "
                 cols = []
-                for dense_fn, ours_fn in zip(dense, ours):
+                record = {"in": k, "out": n, "block": b, "density": layout.density}
+                for phase, dense_fn, ours_fn in zip(("fwd", "bwd", "fwd_bwd"), dense, ours):
                     td, to = _interleaved(timer, [dense_fn, ours_fn], repeats)
                     cols.append(f"{td * 1e3:>8.1f}ms {to * 1e3:>6.1f} {td / to:>5.2f}")
+                    record.update({f"{phase}_dense_s": td, f"{phase}_ours_s": to, f"{phase}_ratio": td / to})
+                records.append(record)
                 row += " | ".join(cols)
                 if device.type == "cuda":
                     td, tb = _interleaved(timer, [dense[0], _bsr_fwd(x.detach(), w_sparse)], repeats)
                     row += f" | {tb * 1e3:>6.2f}ms {td / tb:>5.2f}"
+                    record["bsr_fwd_ratio"] = td / tb
                 print(row, flush=True)
+    if args.output:
+        meta = {"device": str(device), "dtype": str(dtype), "tokens": args.tokens, "threads": torch.get_num_threads(),
+                "repeats": repeats, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"), "torch": torch.__version__}
+        with open(args.output, "w") as f:
+            json.dump({**meta, "rows": records}, f, indent=1)
+        print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
