@@ -4,6 +4,9 @@
     evaluate_perplexity(model, stream, context_length=256, stride=128)
     # {"perplexity": 61.2, "mean_nll": 4.11, "num_tokens": 104805}
 
+Under DDP (torch.distributed initialised, several ranks) the windows are split across ranks and the NLL and token
+sums all-reduced: every rank returns the perplexity of the whole stream, in 1/world of the time.
+
 Sliding window, as in the Hugging Face perplexity guide: windows of `context_length` tokens start
 every `stride` tokens; each window scores only the tokens no earlier window scored, so every token
 after the first is scored exactly once, with at least `context_length - stride` tokens of left
@@ -13,6 +16,7 @@ same perplexity, as exp(loss) over the stream packed into blocks of `context_len
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +24,12 @@ import evaluate
 import numpy as np
 import pyarrow.compute as pc
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
+
+from sparse_nlp.distributed import is_distributed
 
 PERPLEXITY_METRIC = Path(__file__).resolve().parent / "metrics" / "perplexity"  # local: evaluate.load needs no hub
 IGNORE_INDEX = -100  # label of positions that are not scored (the convention of torch and transformers)
@@ -88,18 +95,29 @@ def evaluate_perplexity(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     metric = load_perplexity_metric()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    windows = windows[rank::world]  # under DDP each rank scores every world-th window; the sums are reduced below
     was_training = model.training
     model.eval()
+    nll_parts, token_total = [], 0
     try:
         with torch.no_grad(), tqdm(total=len(windows), desc="Perplexity", unit="window",
                                    disable=not show_progress) as progress:
             for start in range(0, len(windows), batch_size):
                 batch = windows[start:start + batch_size]
                 nll_sums, token_counts = _score_windows(model, stream, batch, device)
-                metric.add_batch(nll_sum=nll_sums, token_count=token_counts)
+                nll_parts += nll_sums
+                token_total += sum(token_counts)
                 progress.update(len(batch))
     finally:
         model.train(was_training)
+    nll_total = math.fsum(nll_parts)
+    if world > 1:  # every rank returns the perplexity of the whole stream
+        sums = torch.tensor([nll_total, float(token_total)], dtype=torch.float64,
+                            device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(sums)
+        nll_total, token_total = sums[0].item(), int(round(sums[1].item()))
+    metric.add_batch(nll_sum=[nll_total], token_count=[token_total])
     return metric.compute()
 
 
