@@ -69,6 +69,7 @@ def _run(output_dir):
         reference_weights = torch.cat([p.detach().view(-1) for p in reference.parameters()])
         torch.save({"losses": losses, "reference_losses": reference_losses, "weights": gathered,
                     "reference_weights": reference_weights}, os.path.join(output_dir, "result.pt"))
+    dist.barrier()  # rank 1 waits for rank 0's reference run: a rank leaving early can abort the other's gloo
     dist.destroy_process_group()
 
 
