@@ -1,0 +1,77 @@
+"""The small-dense baseline: a narrower dense model whose linear layers hold as many weights as a sparse one.
+
+    shape = small_dense_shape(config, density=0.1)     # {"n_embd": 80, "n_head": 1} for a 4-layer, 256-wide GPT-2
+    linear_layer_sizes(config)                          # {"transformer.h.0.attn.c_attn": 196608, ...}
+
+"Linear layers" are the layers `sparsify` patches by default: every nn.Linear / Conv1D but the output embedding.
+Models are built on the meta device, so counting costs no memory and no time to speak of.
+
+The width rule: keep the depth, and choose the hidden width (a multiple of ``multiple``, 8 by default) whose linear
+weights come closest to ``density`` x the full model's (the final nonzero linear weights of a sparse model at that
+density); the MLP width scales with it where the config fixes it (``n_inner`` / ``intermediate_size``). Heads keep
+the full model's head size where they can: width / head size, rounded, at least 1, lowered until it divides the
+width. Embeddings shrink with the width too; they stay dense in every model, so tables report them separately.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from sparse_nlp.targeting import find_target_layers
+
+SCALED_WITH_WIDTH = ("n_inner", "intermediate_size")  # MLP width fields scaled in proportion, where set
+
+
+def linear_layer_sizes(config: PretrainedConfig) -> dict[str, int]:
+    """Weights of each layer `sparsify` would patch in a model of ``config``, by module name."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: module.weight.numel() for name, module in find_target_layers(model)}
+
+
+def linear_weight_count(config: PretrainedConfig) -> int:
+    return sum(linear_layer_sizes(config).values())
+
+
+def with_width(config: PretrainedConfig, width: int) -> PretrainedConfig:
+    """A copy of ``config`` at hidden width ``width``: heads by the width rule, the MLP scaled in proportion."""
+    full_width, full_heads = config.hidden_size, config.num_attention_heads
+    head_size = full_width // full_heads
+    heads = max(1, round(width / head_size))
+    while width % heads:
+        heads -= 1
+    narrow = copy.deepcopy(config)
+    narrow.hidden_size, narrow.num_attention_heads = width, heads  # GPT-2's attribute_map: n_embd, n_head
+    for name in SCALED_WITH_WIDTH:
+        if getattr(config, name, None) is not None:
+            setattr(narrow, name, max(1, round(getattr(config, name) * width / full_width)))
+    return narrow
+
+
+def small_dense_shape(config: PretrainedConfig, density: float, multiple: int = 8) -> dict[str, int]:
+    """The config changes of the small-dense model at ``density``: {"n_embd": ..., "n_head": ...} (GPT-2 names;
+    ``hidden_size`` / ``num_attention_heads`` for other models), plus any scaled MLP width."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}.")
+    full_width = config.hidden_size
+    target = density * linear_weight_count(config)
+    best, best_gap = None, None
+    for width in range(multiple, full_width + 1, multiple):
+        narrow = with_width(config, width)
+        gap = abs(linear_weight_count(narrow) - target)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = narrow, gap
+    if best is None:
+        raise ValueError(f"hidden width {full_width} is below the width multiple {multiple}.")
+    names = _config_names(config)
+    shape = {names["hidden_size"]: best.hidden_size, names["num_attention_heads"]: best.num_attention_heads}
+    shape.update({name: getattr(best, name) for name in SCALED_WITH_WIDTH if getattr(config, name, None) is not None})
+    return shape
+
+
+def _config_names(config: PretrainedConfig) -> dict[str, str]:
+    """The config's own names of hidden_size and num_attention_heads (GPT-2: n_embd, n_head)."""
+    own = getattr(config, "attribute_map", {})  # {standard name: the config's own attribute}
+    return {standard: own.get(standard, standard) for standard in ("hidden_size", "num_attention_heads")}
