@@ -1,0 +1,282 @@
+"""The NLP-gap study: sparse momentum against every baseline and a small dense model, across densities, with seeds.
+
+    nohup accelerate launch recipes/study_lm.py > study.log 2>&1 &          # the default grid (31 runs, ~4 h on
+                                                                             # 2 CPU cores); run it again to resume
+    accelerate launch recipes/study_lm.py --quick --output_dir /tmp/study   # smoke test: a tiny grid, minutes
+    accelerate launch recipes/study_lm.py --densities 0.1 0.05 --methods dense momentum static --seeds 0 1 2 \\
+        --seeded_methods momentum static --seeded_densities 0.1 0.05
+    accelerate launch --num_processes 8 recipes/study_lm.py --dataset_name wikitext \\
+        --dataset_config_name wikitext-103-raw-v1 --vocab_size 50257 --config_overrides n_layer=12,n_embd=768,n_head=12 \\
+        --seq_length 1024 --max_steps 20000 --per_device_train_batch_size 16   # GPT-2-small (block runs: 1 process)
+
+Each run is one call of recipes/train_lm.py's `train_one` on the same tokens, steps and seed-determined batches:
+- ``dense``: the full model; ``small_dense``: a narrower dense model with as many linear weights as the sparse ones
+  at each density (``sparse_nlp.lm.small_dense``: width rule and weight counts);
+- every sparsity method in ``--methods`` at every density, fine-grained; ``--block_methods`` block-sparse
+  (``--study_block_size`` 64, fast block momentum);
+- the further ``--seeds`` for ``--seeded_methods`` at ``--seeded_densities``.
+
+A run writes ``<output_dir>/<run>/study_result.json`` when it has finished; starting the study again skips those and
+resumes an unfinished run from its last checkpoint (``--save_steps``). After each run the tables are rewritten
+(study.json, study.csv, study.md); at the end the plots (study_*.png, with matplotlib: pip install -e ".[plot]").
+
+The default model is recipes/train_lm.py's GPT-2 (4 layers, width 256) with a 2,048-token vocabulary instead of
+8,192, so that the linear layers hold 85% of the weights (60% at 8,192: the dense token embedding held most of a
+sparse model's nonzeros, and the model barely felt linear sparsity); 1,600 steps of 16 x 128 tokens (~1.2 epochs).
+Flags: every StudyArguments field below, the training recipe's model and data flags, every SparsityConfig field
+but density / method / block_size (the grid's), and every TrainingArguments field; --help lists them.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling recipe, train_lm.py
+import train_lm  # noqa: E402  (sets THP_MEM_ALLOC_ENABLE before torch is imported)
+
+from transformers import HfArgumentParser  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+
+from sparse_nlp import SparsityConfig  # noqa: E402
+from sparse_nlp.config import DENSE  # noqa: E402
+from sparse_nlp.lm.small_dense import linear_layer_sizes, small_dense_shape  # noqa: E402
+from sparse_nlp.lm.study import SMALL_DENSE, StudyRun, load_result, plan_grid, run_dir, study_result, write_result  # noqa: E402
+from sparse_nlp.lm.study_plots import write_study_plots  # noqa: E402
+from sparse_nlp.lm.study_tables import write_study  # noqa: E402
+
+GRID_FIELDS = ("density", "method", "block_size")  # SparsityConfig fields the grid sets per run
+STUDY_SPARSITY_DEFAULTS = {"update_interval": 100}  # 16 topology updates in 1,600 steps (the reference's interval)
+
+# --quick: a tiny grid on a tiny model, a few minutes on 2 cores. Flags given after it still win.
+QUICK_FLAGS = [
+    "--output_dir", "runs/study_quick", "--densities", "0.2", "0.05", "--methods", "dense", "small_dense", "momentum",
+    "static", "magnitude", "--block_methods", "momentum", "--seeds", "0", "1", "--seeded_methods", "small_dense",
+    "momentum", "--seeded_densities", "0.05", "--config_overrides", "n_layer=2,n_embd=128,n_head=2", "--max_steps", "60",
+    "--per_device_train_batch_size", "8", "--update_interval", "10", "--save_steps", "20", "--logging_steps", "20",
+    "--max_eval_blocks", "64", "--layer_density", "0.05",
+]
+
+
+@dataclass
+class StudyArguments:
+    densities: list[float] = field(
+        default_factory=lambda: [0.2, 0.1, 0.05], metadata={"help": "Densities of the linear layers to study."})
+    methods: list[str] = field(
+        default_factory=lambda: [DENSE, SMALL_DENSE, "momentum", "rigl", "set", "static", "magnitude"],
+        metadata={"help": "Fine-grained sparsity methods, and the references dense and small_dense."})
+    block_methods: list[str] = field(
+        default_factory=lambda: ["momentum"],
+        metadata={"help": "Methods also trained block-sparse (--study_block_size); 'none' for no block runs."})
+    study_block_size: int = field(default=64, metadata={"help": "Block size of the block-sparse runs."})
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1], metadata={"help": "Seeds: the first for the whole grid, the others for "
+                                                  "--seeded_methods at --seeded_densities."})
+    seeded_methods: list[str] = field(
+        default_factory=lambda: [DENSE, SMALL_DENSE, "momentum", "static", "set"],
+        metadata={"help": "Methods trained at every seed (block runs as e.g. momentum-b64)."})
+    seeded_densities: list[float] = field(
+        default_factory=lambda: [0.1, 0.05], metadata={"help": "Densities at which --seeded_methods get every seed."})
+    width_multiple: int = field(default=8, metadata={"help": "Small-dense widths are multiples of this."})
+    max_eval_blocks: Optional[int] = field(
+        default=None, metadata={"help": "Score perplexity on the first N sequences of each split only (smoke tests)."})
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep a finished run's checkpoints (default: delete them, keep the model)."})
+    layer_density: float = field(
+        default=0.1, metadata={"help": "The sparse momentum run whose per-layer densities are plotted."})
+    quick: bool = field(default=False, metadata={"help": "A tiny grid for a smoke test (a few minutes on 2 cores)."})
+
+
+@dataclass
+class StudyModelArguments(train_lm.ModelArguments):
+    # 2,048 rather than the recipe's 8,192: the linear layers then hold 85% of the weights (see the docstring).
+    vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the trained BPE tokenizer."})
+
+
+@dataclass
+class StudyTrainingArguments(train_lm.LMTrainingArguments):
+    output_dir: Optional[str] = field(default="runs/study_lm", metadata={"help": "Where the runs and tables go."})
+    # 1,600 steps: at 400 the methods could not be told apart; ~1.2 epochs of the corpus at this vocabulary.
+    max_steps: int = field(default=1600, metadata={"help": "Optimizer steps per run (the same for every run)."})
+    logging_steps: float = field(default=50, metadata={"help": "Log loss and sparsity every N steps."})
+    save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps (an interrupted run resumes)."})
+    save_total_limit: Optional[int] = field(default=1, metadata={"help": "Checkpoints kept per run."})
+    dense_baseline: bool = field(default=False, metadata={"help": "Not used by the study: see --methods."})
+
+
+def _study_sparsity_arguments() -> type:
+    """The training recipe's sparsity flags without the grid's (density, method, block_size)."""
+    specs = []
+    for f in dataclasses.fields(train_lm.SparsityArguments):
+        if f.name not in GRID_FIELDS:
+            metadata = dict(f.metadata)
+            default = STUDY_SPARSITY_DEFAULTS.get(f.name, f.default)
+            if f.name in STUDY_SPARSITY_DEFAULTS:
+                metadata["help"] = metadata["help"].split(" Recipe default")[0] + f" Study default: {default}."
+            specs.append((f.name, f.type, field(default=default, metadata=metadata)))
+    return dataclasses.make_dataclass("StudySparsityArguments", specs)
+
+
+StudySparsityArguments = _study_sparsity_arguments()
+
+
+def parse_args(argv: list[str]):
+    if "--quick" in argv and argv[argv.index("--quick") + 1:][:1] not in (["false"], ["False"]):
+        argv = QUICK_FLAGS + argv
+    argv = train_lm.with_default_precision(argv)
+    parser = HfArgumentParser(
+        (StudyModelArguments, train_lm.DataArguments, StudySparsityArguments, StudyArguments, StudyTrainingArguments))
+    model_args, data_args, sparsity_args, study, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.model_name_or_path:
+        raise ValueError("the study trains every model from scratch (small-dense needs a config): use --config_name "
+                         "or --config_overrides instead of --model_name_or_path.")
+    study.block_methods = [m for m in study.block_methods if m.lower() != "none"]
+    options = dataclasses.asdict(sparsity_args)
+    options["init"] = options["init"] or "random"
+    options.pop("seed", None)
+    training_args.resume_from_checkpoint = "last"  # each run from its own latest checkpoint, if it has one
+    return model_args, data_args, options, study, training_args
+
+
+def sparse_clip_rule() -> str:
+    """How SparseTrainer clips sparse runs' gradients: by the norm of the active weights' gradients (the optimizer
+    applies nothing else), or by all of them, absent weights' straight-through gradients included (harder than dense)."""
+    from transformers import Trainer
+
+    return "active" if train_lm.SparseTrainer._clip_grad_norm is not Trainer._clip_grad_norm else "all gradients"
+
+
+def run_settings(run: StudyRun, model_args, data_args, sparsity: SparsityConfig, args) -> dict:
+    """What a finished run's result depends on: a result is reused only when all of it agrees."""
+    return {
+        "sparse_clip": sparse_clip_rule() if run.is_sparse else None,  # dense runs clip as the Trainer does
+        "model": {k: getattr(model_args, k) for k in ("config_name", "config_overrides", "vocab_size", "seq_length")},
+        "data": {k: getattr(data_args, k) for k in ("dataset_name", "dataset_config_name", "train_file",
+                                                     "validation_file", "test_file")},
+        "sparsity": sparsity.to_dict() if run.is_sparse else None,
+        "training": {"max_steps": args.max_steps, "learning_rate": args.learning_rate,
+                     "tokens_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps
+                     * args.world_size, "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
+                     "lr_scheduler_type": str(args.lr_scheduler_type), "max_grad_norm": args.max_grad_norm,
+                     "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"},
+    }
+
+
+def prepare_run(run: StudyRun, model_args, base_config, sparsity_options: dict, study: StudyArguments, args):
+    """The run's model flags (small-dense: narrower), sparsity config and training arguments."""
+    model_args = copy.copy(model_args)
+    config = base_config
+    if run.method == SMALL_DENSE:
+        shape = small_dense_shape(base_config, run.density, study.width_multiple)
+        overrides = [model_args.config_overrides] if model_args.config_overrides else []
+        model_args.config_overrides = ",".join(overrides + [f"{k}={v}" for k, v in shape.items()])
+        config = copy.deepcopy(base_config)
+        config.update(shape)
+    method, density = (DENSE, 1.0) if not run.is_sparse else (run.method, run.density)
+    sparsity = SparsityConfig(**{**sparsity_options, "method": method, "density": density,
+                                 "block_size": run.block_size, "seed": run.seed})
+    args = copy.copy(args)
+    args.seed = run.seed  # initial weights, masks and batch order
+    return model_args, config, sparsity, args
+
+
+def train_run(run, model_args, config, sparsity, data_args, args, blocks, tokenizer):
+    """Train and evaluate one run through the training recipe; its study row."""
+    folder = run_dir(args.output_dir, run)
+    checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    resumed_from = int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
+    start = time.time()
+    result = train_lm.train_one(run.name, sparsity, model_args, data_args, args, blocks, tokenizer, single_run=True)
+    sitting = time.time() - start
+    return study_result(
+        run, result, linear_layer_sizes(config), total_steps=args.max_steps, width=config.hidden_size,
+        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        setup_seconds=max(0.0, sitting - result.train_seconds), resumed_from_step=resumed_from,
+    )
+
+
+def limit_eval_blocks(blocks, limit: Optional[int]):
+    if limit is None:
+        return blocks
+    return {split: data if split == "train" else data.select(range(min(limit, len(data))))
+            for split, data in blocks.items()}
+
+
+def run_study(model_args, data_args, sparsity_options, study: StudyArguments, training_args):
+    start = time.time()
+    blocks, tokenizer = train_lm.prepare_data(model_args, data_args, training_args)
+    blocks = limit_eval_blocks(blocks, study.max_eval_blocks)
+    base_config = train_lm._new_model_config(model_args, tokenizer)
+    grid = plan_grid(study.densities, study.methods, study.seeds, study.seeded_methods, study.seeded_densities,
+                     study.block_methods, study.study_block_size)
+    log = print if training_args.should_log else (lambda *a, **k: None)
+    log(f"Study: {len(grid)} runs of {training_args.max_steps} steps in {training_args.output_dir}.")
+    if sparse_clip_rule() != "active" and training_args.max_grad_norm > 0:
+        log("Note: sparse runs clip by the norm of all gradients, absent weights included (harder than dense runs); "
+            "see docs/study.md.")
+    results, trained, written = [], 0, []
+    for i, run in enumerate(grid, 1):
+        run_model_args, config, sparsity, args = prepare_run(run, model_args, base_config, sparsity_options, study,
+                                                             training_args)
+        settings = run_settings(run, run_model_args, data_args, sparsity, args)
+        folder = run_dir(training_args.output_dir, run)
+        done = load_result(folder, settings)
+        skipped = " (finished before, skipped)" if done is not None else ""
+        if done is None:
+            log(f"[{i}/{len(grid)}] training {run.name}", flush=True)
+            done = train_run(run, run_model_args, config, sparsity, data_args, args, blocks, tokenizer)
+            trained += 1
+            if training_args.should_save:
+                write_result(folder, done, settings)
+                if not study.keep_checkpoints:
+                    for checkpoint in glob.glob(os.path.join(folder, "checkpoint-*")):
+                        shutil.rmtree(checkpoint, ignore_errors=True)
+        log(f"[{i}/{len(grid)}] {run.name}{skipped}: val ppl {done.val_perplexity:.2f}, "
+            f"{done.tokens_per_second:,.0f} tokens/s, {done.wall_seconds:.0f} s", flush=True)
+        results.append(done)
+        if training_args.should_save:
+            written = write_study(results, training_args.output_dir, _notes(model_args, training_args, grid, results))
+    if not training_args.should_save:
+        return results
+    try:
+        written += write_study_plots(results, training_args.output_dir, study.layer_density)
+    except ImportError as err:  # matplotlib is optional
+        print(err)
+    print(f"\n{len(results)} runs ({trained} trained now) in {time.time() - start:.0f} s. Written: {', '.join(written)}.")
+    return results
+
+
+def _notes(model_args, args, grid, results) -> list[str]:
+    first = results[0]
+    return [
+        f"{len(results)} of {len(grid)} runs finished. Every run: {args.max_steps} steps, {first.train_tokens:,} "
+        f"training tokens of {model_args.seq_length}-token sequences, vocabulary {model_args.vocab_size}, "
+        f"{first.precision}; perplexity over sliding windows of {model_args.seq_length} tokens.",
+        "Linear nonzeros: the sparsified layers' nonzero weights at the end of training (small-dense: all of its, "
+        "chosen to match); embeddings etc.: everything else (token and position embeddings, norms, biases), dense in "
+        "every model; average params: nonzero params averaged over training (gradual magnitude pruning starts dense).",
+        "Mean ± sample standard deviation over seeds; vs dense: validation perplexity against the dense model's.",
+    ]
+
+
+def main(argv=None):
+    threads = train_lm.use_all_cores()
+    try:
+        model_args, data_args, sparsity_options, study, training_args = parse_args(
+            list(sys.argv[1:] if argv is None else argv))
+        if threads is not None and training_args.should_log:
+            print(f"Training on the CPU with {threads} threads (accelerate launch had set OMP_NUM_THREADS=1).")
+        return run_study(model_args, data_args, sparsity_options, study, training_args)
+    except (ValueError, OSError) as err:  # bad input: one line, not a traceback
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise SystemExit(f"error: {lines[0]}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,259 @@
+"""The NLP-gap study: grid, small-dense width rule, average parameters, aggregation, plots, and resume end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import GPT2Config, TrainerCallback
+
+from sparse_nlp.lm.reporting import RunResult
+from sparse_nlp.lm.small_dense import linear_layer_sizes, linear_weight_count, small_dense_shape, with_width
+from sparse_nlp.lm.study import (
+    RESULT_FILE,
+    StudyResult,
+    StudyRun,
+    average_linear_nonzeros,
+    load_result,
+    plan_grid,
+    study_result,
+    write_result,
+)
+from sparse_nlp.lm.study_tables import aggregate, format_study, write_study
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("study_lm", ROOT / "recipes" / "study_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+study_lm = _load_recipe()
+
+
+# ---- grid ------------------------------------------------------------------------------------------------------
+def test_default_grid_has_every_method_density_and_the_extra_seeds():
+    args = study_lm.StudyArguments()
+    grid = plan_grid(args.densities, args.methods, args.seeds, args.seeded_methods, args.seeded_densities,
+                     args.block_methods, args.study_block_size)
+    names = [run.name for run in grid]
+    assert len(grid) == 31 and len(set(names)) == 31
+    assert names[:3] == ["dense-s0", "small_dense-d0.2-s0", "momentum-d0.2-s0"]
+    assert "momentum-b64-d0.05-s0" in names and "magnitude-d0.05-s0" in names and "rigl-d0.1-s0" in names
+    second = [run for run in grid if run.seed == 1]
+    assert grid[-len(second):] == second  # every first-seed run comes first
+    assert {(r.method, r.density) for r in second} == {("dense", 1.0)} | {
+        (m, d) for m in ("small_dense", "momentum", "static", "set") for d in (0.1, 0.05)}
+
+
+def test_grid_rejects_dense_densities_and_duplicates():
+    with pytest.raises(ValueError, match="densities must be in"):
+        plan_grid([1.0], ["momentum"], [0])
+    with pytest.raises(ValueError, match="twice"):
+        plan_grid([0.1], ["momentum", "momentum"], [0])
+    assert [r.name for r in plan_grid([0.1], ["static"], [0, 1], ["static-b64"], [0.1], ["static"], 64)] == [
+        "static-d0.1-s0", "static-b64-d0.1-s0", "static-b64-d0.1-s1"]
+
+
+# ---- small-dense width rule ----------------------------------------------------------------------------------------
+STUDY_CONFIG = GPT2Config(vocab_size=2048, n_layer=4, n_embd=256, n_head=4, n_positions=128, bos_token_id=0,
+                          eos_token_id=0)
+
+
+def test_linear_weights_are_the_layers_sparsify_patches():
+    assert linear_weight_count(STUDY_CONFIG) == 4 * 12 * 256 * 256  # c_attn 3d^2, c_proj d^2, MLP 8d^2; no LM head
+    assert len(linear_layer_sizes(STUDY_CONFIG)) == 16
+
+
+@pytest.mark.parametrize("density,width,heads", [(0.2, 112, 2), (0.1, 80, 1), (0.05, 56, 1)])
+def test_small_dense_width_is_the_closest_multiple_of_8(density, width, heads):
+    shape = small_dense_shape(STUDY_CONFIG, density)
+    assert shape == {"n_embd": width, "n_head": heads}
+    target = density * linear_weight_count(STUDY_CONFIG)
+    gap = abs(linear_weight_count(with_width(STUDY_CONFIG, width)) - target)
+    for other in range(8, 257, 8):  # no other multiple of 8 comes closer
+        assert abs(linear_weight_count(with_width(STUDY_CONFIG, other)) - target) >= gap
+
+
+def test_small_dense_keeps_head_size_and_scales_a_fixed_mlp_width():
+    config = GPT2Config(vocab_size=300, n_layer=2, n_embd=512, n_head=8, n_inner=1024, bos_token_id=0, eos_token_id=0)
+    shape = small_dense_shape(config, 0.25)
+    assert shape["n_embd"] % shape["n_head"] == 0 and shape["n_embd"] // shape["n_head"] == 64
+    assert shape["n_inner"] == round(1024 * shape["n_embd"] / 512)
+    narrow = GPT2Config(**{**config.to_dict(), **shape})
+    assert linear_weight_count(narrow) == pytest.approx(0.25 * linear_weight_count(config), rel=0.1)
+
+
+# ---- rows and aggregation ------------------------------------------------------------------------------------------
+def test_average_parameters_integrate_the_density_history():
+    sizes = {"a": 100, "b": 300}
+    history = [{"step": 0, "densities": {"a": 1.0, "b": 1.0}}, {"step": 5, "densities": {"a": 0.5, "b": 0.1}}]
+    assert average_linear_nonzeros(history, sizes, 10) == pytest.approx((400 * 5 + 80 * 5) / 10)
+    with pytest.raises(ValueError, match="no b"):
+        average_linear_nonzeros([{"step": 0, "densities": {"a": 1.0}}], sizes, 10)
+
+
+def _run_result(ppl: float, density: float = 0.5, history=()) -> RunResult:
+    return RunResult(run="x", method="magnitude", density=density, nonzero_params=200 + round(400 * density),
+                     total_params=600, val_perplexity=ppl, test_perplexity=ppl + 1, train_tokens=1000,
+                     tokens_per_second=100.0, train_seconds=10.0, density_history=list(history))
+
+
+def test_study_result_splits_linear_and_other_parameters():
+    sizes = {"a": 100, "b": 300}
+    history = [{"step": 0, "densities": {"a": 1.0, "b": 1.0}}, {"step": 5, "densities": {"a": 0.5, "b": 0.5}}]
+    row = study_result(StudyRun("magnitude", 0.5, 0), _run_result(50.0, history=history), sizes, total_steps=10,
+                       width=32, precision="fp32", setup_seconds=2.0)
+    assert (row.linear_nonzeros, row.linear_params, row.other_params, row.nonzero_params) == (200, 400, 200, 400)
+    assert row.average_params == 200 + (400 * 5 + 200 * 5) / 10 and row.wall_seconds == 12.0
+    resumed = study_result(StudyRun("magnitude", 0.5, 0), _run_result(50.0, history=history), sizes, total_steps=10,
+                           width=32, precision="fp32", setup_seconds=2.0, resumed_from_step=4)
+    assert resumed.train_seconds == 1000 / 100.0 and resumed.resumed_from_step == 4
+
+
+def _row(method: str, density: float, seed: int, ppl: float, block_size: int = 1) -> StudyResult:
+    run = StudyRun(method, density, seed, block_size)
+    return study_result(run, _run_result(ppl, density), {"a": 100, "b": 300}, total_steps=10, width=32,
+                        precision="bf16", setup_seconds=1.0)
+
+
+def test_aggregation_gives_mean_and_spread_over_seeds(tmp_path):
+    rows = [_row("dense", 1.0, 0, 100.0), _row("momentum", 0.1, 0, 110.0), _row("momentum", 0.1, 1, 114.0),
+            _row("static", 0.1, 0, 120.0), _row("momentum", 0.1, 0, 130.0, block_size=64)]
+    groups = aggregate(rows)
+    assert [(g.label, g.seeds) for g in groups] == [("dense", [0]), ("momentum", [0, 1]), ("static", [0]),
+                                                      ("momentum (block 64)", [0])]
+    momentum = groups[1]
+    assert momentum.val_perplexity == 112.0 and momentum.val_perplexity_sd == pytest.approx(2 * 2**0.5)
+    assert (momentum.val_perplexity_min, momentum.val_perplexity_max) == (110.0, 114.0)
+    assert groups[2].val_perplexity_sd is None
+    text = format_study(groups)
+    assert "## Density 0.1" in text and "112.00 ± 2.83" in text and "+12.0%" in text and "momentum (block 64)" in text
+    paths = write_study(rows, str(tmp_path), ["a note"])
+    saved = json.loads(Path(paths[0]).read_text())
+    assert len(saved["runs"]) == 5 and saved["groups"][1]["val_perplexity"] == 112.0
+    csv_lines = Path(paths[1]).read_text().splitlines()
+    assert csv_lines[0].startswith("name,method,density,seed,block_size") and len(csv_lines) == 6
+    assert "history" not in csv_lines[0]
+
+
+def test_plots_without_matplotlib_say_how_to_get_them(tmp_path, monkeypatch):
+    from sparse_nlp.lm.study_plots import write_study_plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[plot\]".*study_perplexity\.png'):
+        write_study_plots([_row("dense", 1.0, 0, 100.0)], str(tmp_path))
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparse_nlp.lm.study_plots import write_study_plots
+
+    history = [{"step": 0, "densities": {"transformer.h.0.attn.c_attn": 0.1, "transformer.h.0.mlp.c_fc": 0.1}},
+               {"step": 5, "densities": {"transformer.h.0.attn.c_attn": 0.2, "transformer.h.0.mlp.c_fc": 0.05}}]
+    rows = [_row("dense", 1.0, 0, 100.0), _row("small_dense", 0.1, 0, 140.0), _row("momentum", 0.2, 0, 105.0),
+            _row("momentum", 0.1, 1, 114.0), _row("momentum", 0.1, 0, 130.0, block_size=64)]
+    rows.insert(3, StudyResult(**{**rows[3].__dict__, "seed": 0, "density_history": history,
+                                  "loss_history": [[10, 3.0]]}))
+    for path in write_study_plots(rows, str(tmp_path)):
+        assert Path(path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_result_from_other_settings_is_refused(tmp_path):
+    row = _row("momentum", 0.1, 0, 110.0)
+    write_result(str(tmp_path), row, {"training": {"max_steps": 10}})
+    assert load_result(str(tmp_path), {"training": {"max_steps": 10}}) == row
+    with pytest.raises(ValueError, match="max_steps"):
+        load_result(str(tmp_path), {"training": {"max_steps": 20}})
+    assert load_result(str(tmp_path / "missing"), {}) is None
+
+
+# ---- the recipe end to end: a killed study resumes without redoing finished runs ------------------------------------
+WORDS = "the nation people congress year government states united new great war peace law public world".split()
+
+
+def _write_text(path: Path, lines: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(6, 14))) + "." for _ in range(lines)) + "\n")
+    return path
+
+
+class _Killed(Exception):
+    pass
+
+
+def _flags(tmp_path, *extra):
+    train, valid = _write_text(tmp_path / "train.txt", 400, 0), _write_text(tmp_path / "valid.txt", 40, 1)
+    return [
+        "--output_dir", str(tmp_path / "study"), "--data_cache_dir", str(tmp_path / "cache"), "--train_file",
+        str(train), "--validation_file", str(valid), "--config_overrides", "n_layer=1,n_embd=64,n_head=2",
+        "--seq_length", "32", "--vocab_size", "300", "--max_steps", "4", "--update_interval", "2", "--save_steps", "2",
+        "--logging_steps", "2", "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--bf16", "false",
+        "--densities", "0.5", "--methods", "dense", "small_dense", "momentum", "--block_methods", "none",
+        "--seeds", "0", *extra,
+    ]
+
+
+def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypatch, capsys):
+    train_lm = study_lm.train_lm
+    trained = []
+    original_train_one = train_lm.train_one
+
+    def counting_train_one(run, *args, **kwargs):
+        trained.append(run)
+        return original_train_one(run, *args, **kwargs)
+
+    class KillAtStep3(TrainerCallback):  # after the checkpoint at step 2, as a kill would
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3 and args.run_name.startswith("momentum"):
+                raise _Killed()
+
+    class KilledTrainer(train_lm.SparseTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(KillAtStep3())
+
+    monkeypatch.setattr(train_lm, "train_one", counting_train_one)
+    monkeypatch.setattr(train_lm, "SparseTrainer", KilledTrainer)
+    flags = _flags(tmp_path)
+    with pytest.raises(_Killed):
+        study_lm.main(flags)
+    study = tmp_path / "study"
+    assert trained == ["dense-s0", "small_dense-d0.5-s0", "momentum-d0.5-s0"]
+    finished = {name: (study / name / RESULT_FILE).stat().st_mtime_ns for name in ("dense-s0", "small_dense-d0.5-s0")}
+    assert not (study / "momentum-d0.5-s0" / RESULT_FILE).exists()
+    assert (study / "momentum-d0.5-s0" / "checkpoint-2").is_dir()
+
+    monkeypatch.setattr(train_lm, "SparseTrainer", KilledTrainer.__mro__[1])  # no kill this time
+    trained.clear()
+    results = study_lm.main(flags)
+    assert trained == ["momentum-d0.5-s0"]  # the finished runs were skipped, not retrained
+    assert {name: (study / name / RESULT_FILE).stat().st_mtime_ns for name in finished} == finished
+    momentum = results[-1]
+    assert momentum.resumed_from_step == 2 and momentum.topology_updates == 2 and momentum.train_tokens == 4 * 4 * 32
+    assert not list((study / "momentum-d0.5-s0").glob("checkpoint-*"))  # a finished run's checkpoints are removed
+    small = results[1]
+    assert small.width < 64 and small.linear_params == pytest.approx(0.5 * results[0].linear_params, rel=0.15)
+    assert [r.name for r in results] == ["dense-s0", "small_dense-d0.5-s0", "momentum-d0.5-s0"]
+    assert "## Density 0.5" in (study / "study.md").read_text()
+    assert len((study / "study.csv").read_text().splitlines()) == 4
+
+    trained.clear()  # a third start: nothing to do; without matplotlib it says how to get the plots
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    capsys.readouterr()
+    study_lm.main(flags)
+    printed = capsys.readouterr().out
+    assert trained == [] and "dense-s0 (finished before, skipped): val ppl" in printed and 'pip install -e ".[plot]"' in printed
+    with pytest.raises(SystemExit, match="training.max_steps=4 but this study has training.max_steps=6"):  # other settings: refused, not mixed into the table
+        study_lm.main(flags + ["--max_steps", "6"])
+    assert os.path.isfile(study / "study.json")
