@@ -237,8 +237,8 @@ def run_study(model_args, data_args, sparsity_options, study: StudyArguments, tr
                 if not study.keep_checkpoints:
                     for checkpoint in glob.glob(os.path.join(folder, "checkpoint-*")):
                         shutil.rmtree(checkpoint, ignore_errors=True)
-        log(f"[{i}/{len(grid)}] {run.name}{skipped}: val ppl {done.val_perplexity:.2f}, "
-            f"{done.tokens_per_second:,.0f} tokens/s, {done.wall_seconds:.0f} s", flush=True)
+        speed = f"{done.tokens_per_second:,.0f} tokens/s, {done.wall_seconds:.0f} s" if done.wall_seconds else "speed -"
+        log(f"[{i}/{len(grid)}] {run.name}{skipped}: val ppl {done.val_perplexity:.2f}, {speed}", flush=True)
         results.append(done)
         if training_args.should_save:
             written = write_study(results, training_args.output_dir, _notes(model_args, training_args, grid, results))

@@ -117,6 +117,14 @@ def test_study_result_splits_linear_and_other_parameters():
     resumed = study_result(StudyRun("magnitude", 0.5, 0), _run_result(50.0, history=history), sizes, total_steps=10,
                            width=32, precision="fp32", setup_seconds=2.0, resumed_from_step=4)
     assert resumed.train_seconds == 1000 / 100.0 and resumed.resumed_from_step == 4
+    at_the_end = _run_result(50.0, history=history)  # resumed at its last step: nothing trained, nothing timed
+    at_the_end.tokens_per_second, at_the_end.train_seconds = 0.0, 0.01
+    unmeasured = study_result(StudyRun("magnitude", 0.5, 0), at_the_end, sizes, total_steps=10, width=32,
+                              precision="fp32", setup_seconds=2.0, resumed_from_step=10)
+    assert unmeasured.tokens_per_second is unmeasured.train_seconds is unmeasured.wall_seconds is None
+    group = aggregate([unmeasured, row])[0]
+    assert group.tokens_per_second == 100.0 and group.wall_seconds == 12.0
+    assert aggregate([unmeasured])[0].tokens_per_second is None and "| - " in format_study(aggregate([unmeasured]))
 
 
 def _row(method: str, density: float, seed: int, ppl: float, block_size: int = 1) -> StudyResult:

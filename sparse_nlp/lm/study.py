@@ -109,9 +109,10 @@ class StudyResult:
     average_params: float  # nonzero params averaged over the training steps (gradual pruning starts dense)
     val_perplexity: float
     test_perplexity: Optional[float]
-    tokens_per_second: float  # training throughput, all ranks together
-    train_seconds: float  # training time of the whole run (a resumed run: its earlier sittings at the same speed)
-    wall_seconds: float  # train_seconds plus model setup, evaluation and saving
+    # Speed and time; None when not measured (a run killed after its last checkpoint trains no step when resumed).
+    tokens_per_second: Optional[float]  # training throughput, all ranks together
+    train_seconds: Optional[float]  # training time of the whole run (resumed: earlier sittings at the same speed)
+    wall_seconds: Optional[float]  # train_seconds plus model setup, evaluation and saving
     train_tokens: int
     resumed_from_step: int  # 0 unless the run was resumed from a checkpoint
     topology_updates: int
@@ -126,7 +127,7 @@ class StudyResult:
             run=self.name, method=self.method, density=self.linear_nonzeros / self.linear_params,
             nonzero_params=self.nonzero_params, total_params=self.linear_params + self.other_params,
             val_perplexity=self.val_perplexity, test_perplexity=self.test_perplexity, train_tokens=self.train_tokens,
-            tokens_per_second=self.tokens_per_second, train_seconds=self.train_seconds,
+            tokens_per_second=self.tokens_per_second or 0.0, train_seconds=self.train_seconds or 0.0,
             topology_updates=self.topology_updates, compute_path=self.compute_path,
             loss_history=[tuple(point) for point in self.loss_history], density_history=self.density_history,
         )
@@ -160,13 +161,15 @@ def study_result(
         average = other_params + average_linear_nonzeros(result.density_history, layer_sizes, total_steps)
     else:
         average = float(result.nonzero_params)
-    train_seconds = result.train_tokens / result.tokens_per_second if resumed_from_step else result.train_seconds
+    speed = result.tokens_per_second if result.tokens_per_second > 0 else None  # 0: no step trained in this sitting
+    train_seconds = result.train_seconds if not resumed_from_step else result.train_tokens / speed if speed else None
     return StudyResult(
         name=run.name, method=run.method, density=run.density, seed=run.seed, block_size=run.block_size, width=width,
         linear_nonzeros=linear_nonzeros, linear_params=linear_params, other_params=other_params,
         nonzero_params=result.nonzero_params, average_params=average, val_perplexity=result.val_perplexity,
-        test_perplexity=result.test_perplexity, tokens_per_second=result.tokens_per_second,
-        train_seconds=train_seconds, wall_seconds=setup_seconds + train_seconds, train_tokens=result.train_tokens,
+        test_perplexity=result.test_perplexity, tokens_per_second=speed, train_seconds=train_seconds,
+        wall_seconds=setup_seconds + train_seconds if train_seconds is not None else None,
+        train_tokens=result.train_tokens,
         resumed_from_step=resumed_from_step, topology_updates=result.topology_updates,
         compute_path=result.compute_path, precision=precision, loss_history=[list(p) for p in result.loss_history],
         density_history=list(result.density_history),

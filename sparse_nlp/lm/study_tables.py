@@ -43,14 +43,19 @@ class StudyGroup:
     val_perplexity_max: float
     test_perplexity: Optional[float]
     test_perplexity_sd: Optional[float]
-    tokens_per_second: float
-    wall_seconds: float  # per run
+    tokens_per_second: Optional[float]  # over the runs whose speed was measured
+    wall_seconds: Optional[float]  # per run
 
     @property
     def label(self) -> str:
         if self.method == SMALL_DENSE:
             return "small-dense"
         return f"{self.method} (block {self.block_size})" if self.block_size > 1 else self.method
+
+
+def _mean_of(values) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None
 
 
 def _sd(values: Sequence[float]) -> Optional[float]:
@@ -74,8 +79,8 @@ def aggregate(results: Sequence[StudyResult]) -> list[StudyGroup]:
             average_params=statistics.mean(r.average_params for r in runs),
             val_perplexity=statistics.mean(val), val_perplexity_sd=_sd(val), val_perplexity_min=min(val),
             val_perplexity_max=max(val), test_perplexity=statistics.mean(tests) if tests else None,
-            test_perplexity_sd=_sd(tests), tokens_per_second=statistics.mean(r.tokens_per_second for r in runs),
-            wall_seconds=statistics.mean(r.wall_seconds for r in runs),
+            test_perplexity_sd=_sd(tests), tokens_per_second=_mean_of(r.tokens_per_second for r in runs),
+            wall_seconds=_mean_of(r.wall_seconds for r in runs),
         ))
     return groups
 
@@ -123,7 +128,8 @@ def _group_table(groups: Sequence[StudyGroup], dense: Optional[StudyGroup]) -> s
             g.label, str(len(g.seeds)), str(g.width), _count(g.linear_nonzeros), _count(g.other_params),
             "= final" if same else _count(g.average_params), _mean_sd(g.val_perplexity, g.val_perplexity_sd),
             _versus(g.val_perplexity, dense), _mean_sd(g.test_perplexity, g.test_perplexity_sd),
-            f"{g.tokens_per_second:,.0f}", _duration(g.wall_seconds),
+            "-" if g.tokens_per_second is None else f"{g.tokens_per_second:,.0f}",
+            "-" if g.wall_seconds is None else _duration(g.wall_seconds),
         ])
     return _aligned_table(rows)
 
