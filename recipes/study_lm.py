@@ -212,7 +212,7 @@ def run_study(model_args, data_args, sparsity_options, study: StudyArguments, tr
     start = time.time()
     blocks, tokenizer = train_lm.prepare_data(model_args, data_args, training_args)
     blocks = limit_eval_blocks(blocks, study.max_eval_blocks)
-    base_config = train_lm._new_model_config(model_args, tokenizer)
+    base_config = train_lm.new_model_config(model_args, tokenizer)
     grid = plan_grid(study.densities, study.methods, study.seeds, study.seeded_methods, study.seeded_densities,
                      study.block_methods, study.study_block_size)
     log = print if training_args.should_log else (lambda *a, **k: None)

@@ -221,7 +221,7 @@ def build_model(model_args: ModelArguments, tokenizer) -> torch.nn.Module:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {model_args.model_name_or_path} embeds "
                              f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer.")
     else:
-        model = AutoModelForCausalLM.from_config(_new_model_config(model_args, tokenizer))
+        model = AutoModelForCausalLM.from_config(new_model_config(model_args, tokenizer))
     positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if positions is not None and model_args.seq_length > positions:
         raise ValueError(f"--seq_length {model_args.seq_length} is longer than the model's {positions} positions.")
@@ -230,7 +230,7 @@ def build_model(model_args: ModelArguments, tokenizer) -> torch.nn.Module:
     return model
 
 
-def _new_model_config(model_args: ModelArguments, tokenizer):
+def new_model_config(model_args: ModelArguments, tokenizer):
     if model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name)
     else:

@@ -43,7 +43,7 @@ def write_training_plot(results: Sequence[RunResult], path: str) -> str:
         loss_axes.legend()
     sparse_runs = [result for result in results if result.density_history]
     for result in sparse_runs:
-        _plot_densities(density_axes, result, last_step, with_run_name=len(sparse_runs) > 1)
+        plot_densities(density_axes, result, last_step, with_run_name=len(sparse_runs) > 1)
     if not sparse_runs:
         density_axes.text(0.5, 0.5, "no sparse run", ha="center", va="center", transform=density_axes.transAxes)
     density_axes.set(title="Per-layer density (sparse run)", xlabel="optimizer step", ylabel="density")
@@ -52,7 +52,7 @@ def write_training_plot(results: Sequence[RunResult], path: str) -> str:
     return path
 
 
-def _plot_densities(axes, result: RunResult, last_step: int, with_run_name: bool) -> None:
+def plot_densities(axes, result: RunResult, last_step: int, with_run_name: bool) -> None:
     from matplotlib import colormaps
 
     history = result.density_history

@@ -48,7 +48,7 @@ COLUMNS = (  # (header, how to format a row)
     ("val ppl", lambda r: _ppl(r.val_perplexity)),
     ("test ppl", lambda r: _ppl(r.test_perplexity)),
     ("tokens/s", lambda r: f"{r.tokens_per_second:,.0f}"),
-    ("train time", lambda r: _duration(r.train_seconds)),
+    ("train time", lambda r: format_duration(r.train_seconds)),
 )
 
 
@@ -72,10 +72,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def format_table(rows: Sequence[RunResult]) -> str:
     """A plain-text table (also valid Markdown)."""
-    return _aligned_table([[header for header, _ in COLUMNS]] + [[fmt(row) for _, fmt in COLUMNS] for row in rows])
+    return aligned_table([[header for header, _ in COLUMNS]] + [[fmt(row) for _, fmt in COLUMNS] for row in rows])
 
 
-def _aligned_table(cells: Sequence[Sequence[str]]) -> str:
+def aligned_table(cells: Sequence[Sequence[str]]) -> str:
     """Rows of cells (the first is the header) as an aligned Markdown table."""
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
@@ -109,7 +109,7 @@ def format_density_table(history: Sequence[dict], max_columns: int = 9) -> str:
     short = short_layer_names(names)
     header = ["layer"] + [f"step {record['step']}" for record in history]
     body = [[short[name]] + [f"{record['densities'].get(name, math.nan):.3f}" for record in history] for name in names]
-    return _aligned_table([header] + body)
+    return aligned_table([header] + body)
 
 
 def _ppl(value: Optional[float]) -> str:
@@ -118,7 +118,7 @@ def _ppl(value: Optional[float]) -> str:
     return f"{value:.2f}" if math.isfinite(value) else str(value)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes}m{seconds:02d}s"
 

@@ -19,7 +19,7 @@ import re
 from typing import Sequence
 
 from sparse_nlp.config import DENSE
-from sparse_nlp.lm.plots import INSTALL_HINT, _plot_densities, is_attention_layer
+from sparse_nlp.lm.plots import INSTALL_HINT, plot_densities, is_attention_layer
 from sparse_nlp.lm.study import SMALL_DENSE, StudyResult
 from sparse_nlp.lm.study_tables import StudyGroup, aggregate
 
@@ -93,7 +93,7 @@ def _layer_density(figure, groups, results, layer_density) -> None:
         return
     run = min(wanted, key=lambda r: r.seed)
     last_step = run.loss_history[-1][0] if run.loss_history else run.density_history[-1]["step"]
-    _plot_densities(over_time, run.run_result(), last_step, with_run_name=False)
+    plot_densities(over_time, run.run_result(), last_step, with_run_name=False)
     over_time.axhline(layer_density, color="gray", linewidth=1, linestyle=":")
     over_time.set(title=f"Sparse momentum, density {layer_density:g}: per-layer density", xlabel="optimizer step",
                   ylabel="density")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence
 
 from sparse_nlp.config import DENSE
-from sparse_nlp.lm.reporting import _aligned_table, _duration
+from sparse_nlp.lm.reporting import aligned_table, format_duration
 from sparse_nlp.lm.study import SMALL_DENSE, StudyResult
 
 HISTORIES = ("loss_history", "density_history")  # kept in study.json, not in the flat CSV
@@ -129,9 +129,9 @@ def _group_table(groups: Sequence[StudyGroup], dense: Optional[StudyGroup]) -> s
             "= final" if same else _count(g.average_params), _mean_sd(g.val_perplexity, g.val_perplexity_sd),
             _versus(g.val_perplexity, dense), _mean_sd(g.test_perplexity, g.test_perplexity_sd),
             "-" if g.tokens_per_second is None else f"{g.tokens_per_second:,.0f}",
-            "-" if g.wall_seconds is None else _duration(g.wall_seconds),
+            "-" if g.wall_seconds is None else format_duration(g.wall_seconds),
         ])
-    return _aligned_table(rows)
+    return aligned_table(rows)
 
 
 def _count(n: float) -> str:
