@@ -7,7 +7,6 @@ SparseTrainer turns DDP's per-forward buffer broadcast off, so equal masks here 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from sparse_nlp import SparseTrainer, SparsityConfig, sparse_layers
+from torchrun_helpers import run_two_ranks
 from trainer_helpers import RandomTokens, tiny_args, tiny_gpt2
 
 
@@ -41,12 +41,7 @@ def _train_and_gather(output_dir):
 
 
 def test_two_ranks_hold_identical_masks(tmp_path):
-    here = Path(__file__).resolve()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(here),
-               str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_ranks(Path(__file__).resolve(), tmp_path)
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
     rank0, rank1 = gathered["masks"]
     assert torch.equal(rank0, rank1)

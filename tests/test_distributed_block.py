@@ -1,13 +1,12 @@
 """Block-sparse layers under plain torch DDP: 2 ranks with batch B each equal 1 rank with batch 2B.
 
 DDP skips the block ``values`` (``ignore_block_values_in_ddp``) and ``all_reduce_block_grads`` averages their
-gradients after each synchronising backward; accumulation micro-steps run under ``no_sync``. Started with torchrun
-in a fresh process (as test_distributed.py); rank 0 also trains the 1-process reference on the whole batches.
+gradients after each synchronising backward; accumulation micro-steps run under ``no_sync``. The ranks run under
+torchrun; the 1-process reference on the whole batches trains here, in the pytest process.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from sparse_nlp.block_layers import BlockSparseLinear
 from sparse_nlp.distributed import all_reduce_block_grads, ignore_block_values_in_ddp
+from torchrun_helpers import run_two_ranks
 
 STEPS, ACCUMULATION, GLOBAL_BATCH = 3, 2, 8
 
@@ -64,27 +64,22 @@ def _run(output_dir):
     gathered = [torch.empty_like(weights) for _ in range(world)]
     dist.all_gather(gathered, weights)
     if rank == 0:
-        reference = _model()
-        reference_losses = _train(reference, reference, slice(None), lambda: None, torch.enable_grad)
-        reference_weights = torch.cat([p.detach().view(-1) for p in reference.parameters()])
-        torch.save({"losses": losses, "reference_losses": reference_losses, "weights": gathered,
-                    "reference_weights": reference_weights}, os.path.join(output_dir, "result.pt"))
-    dist.barrier()  # rank 1 waits for rank 0's reference run: a rank leaving early can abort the other's gloo
+        torch.save({"losses": losses, "weights": gathered}, os.path.join(output_dir, "result.pt"))
+    del ddp  # its reducer holds the process group: release it before the group is destroyed
+    dist.barrier()
     dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path):
-    here = Path(__file__).resolve()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(here),
-               str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_ranks(Path(__file__).resolve(), tmp_path)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
+    reference = _model()
+    reference_losses = _train(reference, reference, slice(None), lambda: None, torch.enable_grad)
+    reference_weights = torch.cat([p.detach().view(-1) for p in reference.parameters()])
     torch.testing.assert_close(result["weights"][0], result["weights"][1], rtol=0, atol=0)
-    torch.testing.assert_close(result["losses"], result["reference_losses"])
-    torch.testing.assert_close(result["weights"][0], result["reference_weights"])
-    assert not torch.equal(result["reference_weights"], torch.cat([p.detach().view(-1) for p in _model().parameters()]))
+    torch.testing.assert_close(result["losses"], reference_losses)
+    torch.testing.assert_close(result["weights"][0], reference_weights)
+    assert not torch.equal(reference_weights, torch.cat([p.detach().view(-1) for p in _model().parameters()]))
 
 
 if __name__ == "__main__":  # one rank of the torchrun above

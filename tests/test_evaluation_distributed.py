@@ -4,8 +4,6 @@ tests/test_distributed.py does)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from sparse_nlp.lm.evaluation import evaluate_perplexity
+from torchrun_helpers import run_two_ranks
 from trainer_helpers import tiny_gpt2
 
 STREAM_LENGTH, CONTEXT, STRIDE = 301, 16, 8  # 37 windows: the ranks get 19 and 18
@@ -25,13 +24,7 @@ def _perplexity() -> dict:
 
 
 def test_two_ranks_give_the_single_process_perplexity(tmp_path):
-    here = Path(__file__).resolve()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(here),
-               str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_ranks(Path(__file__).resolve(), tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     alone = _perplexity()
     for result in ranks:
