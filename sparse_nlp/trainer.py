@@ -27,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from sparse_nlp.block_layers import BlockSparseLinear
 from sparse_nlp.callback import CONTROLLER_FILE, SparsityCallback
+from sparse_nlp.clipping import clip_active_grad_norm_, supports_active_clipping
 from sparse_nlp.config import DENSE, SparsityConfig
 from sparse_nlp.console import hide_layer_densities
 from sparse_nlp.controller import SparsityController
@@ -77,6 +78,13 @@ class SparseTrainer(Trainer):
         if self.sparsity_callback is not None and "loss" in logs:  # training-step logs only, not eval/summary
             logs.update(self.sparsity_callback.log_metrics())
         super().log(logs, start_time)
+
+    def _clip_grad_norm(self, model):
+        # Sparse runs clip by the norm of what the optimizer applies, without absent weights (sparse_nlp.clipping).
+        if self.sparsity_callback is None or not supports_active_clipping(self.accelerator):
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()  # fp16 loss scaling: true gradients first (a no-op otherwise)
+        return clip_active_grad_norm_(model, self.args.max_grad_norm)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # Checkpoints store tied weights once (lm_head.weight is the token embedding): not a missing key.
