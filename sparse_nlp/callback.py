@@ -37,8 +37,17 @@ from sparse_nlp.console import (
     layer_density_key,
 )
 from sparse_nlp.controller import SparsityController
+from sparse_nlp.distributed import is_distributed
 
 CONTROLLER_FILE = "sparsity_controller.pt"  # controller state, inside each checkpoint folder
+
+
+def sharded_engine_refusal(engine: str) -> ValueError:
+    """The one-line error for FSDP or DeepSpeed: engines that shard or flatten the weights the masks describe."""
+    return ValueError(
+        f"sparse training does not support {engine}: it shards the weights that the masks describe, so the masks "
+        "would not be applied; train with DDP instead (accelerate launch --multi_gpu, or torchrun)."
+    )
 
 
 class SparsityCallback(TrainerCallback):
@@ -52,11 +61,19 @@ class SparsityCallback(TrainerCallback):
         self.resume_from_checkpoint: Optional[str] = None  # set by SparseTrainer.train; else found in output_dir
         self.skipped_steps = 0  # optimizer steps skipped by the grad scaler (not topology steps)
         self._layers_changed = True  # log per-layer densities at the next log
+        self.syncs_block_grads = False  # set by SparseTrainer, which averages block gradients over DDP ranks
 
     # ---- training events -----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+        if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            raise sharded_engine_refusal("FSDP")
         self.controller = SparsityController(model, optimizer, self.config, total_steps=state.max_steps)
+        if self.controller.block_layers and is_distributed() and not self.syncs_block_grads:
+            raise ValueError(
+                "block-sparse layers on several processes need SparseTrainer (it keeps DDP off their resizable "
+                "values and averages their gradients itself); use SparseTrainer instead of Trainer + SparsityCallback."
+            )
         self.skipped_steps = 0
         self._layers_changed = True
         if state.global_step > 0:  # resuming: the Trainer has already loaded weights, masks and optimizer state

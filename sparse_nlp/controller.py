@@ -17,7 +17,7 @@ from torch import nn
 from sparse_nlp.block_layers import BlockSparseLinear
 from sparse_nlp.block_topology import block_layer_state
 from sparse_nlp.config import SparsityConfig
-from sparse_nlp.distributed import broadcast_masks, is_distributed
+from sparse_nlp.distributed import all_reduce_dense_grads, broadcast_masks, check_block_values_agree, is_distributed
 from sparse_nlp.methods import LayerState, get_method, update_layer_topology
 from sparse_nlp.optimizer_state import MomentumTracker
 from sparse_nlp.schedule import TopologySchedule
@@ -68,11 +68,6 @@ class SparsityController:
                 total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay, config.update_end_fraction
             )
         self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
-        if self.block_layers and is_distributed():
-            raise ValueError(
-                "block-sparse layers resize their parameters at every topology update, which DDP does not support "
-                "yet; train with block_size=1 on several processes, or block-sparse on one."
-            )
         # Fine-grained layers: momentum from the optimizer, or a gradient average kept here (block layers: see
         # block_topology). Indexed by position in self.layers.
         self.momentum = MomentumTracker(optimizer, [layer.weight for _, layer in self.layers], config.momentum_beta)
@@ -143,6 +138,9 @@ class SparsityController:
         if self.schedule is None:  # static: the mask never changes
             return {"prune_rate": 0.0, "pruned": 0, "grown": 0, "moved": 0, "removed": 0}
         before = [layer.mask.clone() for _, layer in self.layers]
+        if is_distributed() and self.block_layers:  # every rank scores the same: whole-batch dense gradients
+            check_block_values_agree([(n, l) for n, l in self.layers if isinstance(l, BlockSparseLinear)])
+            all_reduce_dense_grads(self.block_layers)
         prune_rate = self.schedule.prune_rate_at(self.step_count)
         states = [self._layer_state(i, name, layer) for i, (name, layer) in enumerate(self.layers)]
         plans = self.method.plan(states, prune_rate, self.schedule.progress(self.step_count))
@@ -152,6 +150,8 @@ class SparsityController:
             grow_scores = self.method.grow_scores(state) if plan.grow else None
             grown = update_layer_topology(state, plan, prune_scores, grow_scores)
             if isinstance(layer, BlockSparseLinear):  # the state was a copy over blocks: move the blocks now
+                if is_distributed():  # rank 0's blocks, before the values move (they must match the mask)
+                    broadcast_masks([state.mask])
                 layer.set_block_mask(state.mask, self.optimizer)
             else:
                 self.momentum.reset(i, grown)
@@ -160,8 +160,9 @@ class SparsityController:
         if self.config.block_momentum == "fast":  # the next window starts afresh
             for layer in self.block_layers:
                 layer.clear_dense_grad()
-        if is_distributed():
-            for i, changed in enumerate(broadcast_masks([layer.mask for _, layer in self.layers])):
+        if is_distributed():  # fine-grained layers: rank 0's masks, and fresh momentum where this rank's differed
+            fine = [i for i, (_, layer) in enumerate(self.layers) if not isinstance(layer, BlockSparseLinear)]
+            for i, changed in zip(fine, broadcast_masks([self.layers[i][1].mask for i in fine])):
                 self.momentum.reset(i, changed)
         self.apply_masks()
         self.update_count += 1

@@ -1,9 +1,16 @@
-"""Keeping masks identical on every rank.
+"""Several processes (DDP): the same masks, weights and topology decisions on every rank.
 
-Every input of a topology update is already the same on all ranks under DDP: gradients (and so momentum) are
-all-reduced, weights are updated identically, random growth draws from a generator seeded identically. The masks
-therefore agree by construction; after each update rank 0's masks are broadcast anyway, so that a rank that
-drifted (a non-deterministic kernel, a float tie broken differently) is pulled back instead of silently diverging.
+Every input of a topology update is the same on all ranks: gradients (and so momentum) are all-reduced, weights
+are updated identically, random growth draws from a generator seeded identically. The masks therefore agree by
+construction; after each update rank 0's masks are broadcast anyway, so that a rank that drifted (a
+non-deterministic kernel, a float tie broken differently) is pulled back instead of silently diverging.
+
+Block-sparse layers store their live blocks in ``values``, which changes size at every topology update; DDP's
+reducer cannot follow that. So DDP skips them (``ignore_block_values_in_ddp``, before wrapping) and their gradients
+are averaged here, in one flat bucket, after each synchronising backward (``all_reduce_block_grads``;
+``SparseTrainer`` does both). The dense gradients a block layer collects for the momentum of its absent blocks are
+per-rank sums of local batches: ``all_reduce_dense_grads`` averages them before a topology update scores them.
+``check_block_values_agree`` makes a custom loop that forgot the gradient sync fail loudly at the first update.
 """
 from __future__ import annotations
 
@@ -41,8 +48,22 @@ def block_values_names(model: torch.nn.Module) -> list[str]:
 def ignore_block_values_in_ddp(model: torch.nn.Module) -> list[str]:
     """Call before DDP wraps ``model``: DDP leaves the block ``values`` alone; sync them with ``all_reduce_block_grads``."""
     names = block_values_names(model)
-    model._ddp_params_and_buffers_to_ignore = names
+    already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", None) or [])
+    model._ddp_params_and_buffers_to_ignore = already + [name for name in names if name not in already]
     return names
+
+
+def _average_in_place(tensors: Sequence[torch.Tensor]) -> None:
+    """Average tensors over ranks with one all-reduce of a flat fp32 bucket (gloo has no AVG: sum, then divide)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 @torch.no_grad()
@@ -54,13 +75,31 @@ def all_reduce_block_grads(model: torch.nn.Module) -> None:
     """
     if not is_distributed():
         return
-    grads = [p.grad for n, p in model.named_parameters() if n in set(block_values_names(model)) and p.grad is not None]
-    if not grads:
+    names = set(block_values_names(model))
+    _average_in_place([p.grad for n, p in model.named_parameters() if n in names and p.grad is not None])
+
+
+@torch.no_grad()
+def all_reduce_dense_grads(layers: Sequence[torch.nn.Module]) -> None:
+    """Average the dense gradients block layers collected (window sum or running average) over ranks."""
+    if not is_distributed():
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])  # (total live-block weights,)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    _average_in_place([t for layer in layers for t in (layer.dense_grad_sum, layer.dense_grad_ema) if t is not None])
+
+
+@torch.no_grad()
+def check_block_values_agree(layers: Sequence[tuple[str, torch.nn.Module]]) -> None:
+    """Raise a one-line error if a block layer's values differ across ranks (their gradients were not synced)."""
+    if not is_distributed() or not layers:
+        return
+    sums = torch.stack([layer.values.detach().double().sum() for _, layer in layers])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = (low != high).nonzero().view(-1)
+    if differ.numel():
+        raise RuntimeError(
+            f"block-sparse layer {layers[int(differ[0])][0]} holds different values on different ranks: call "
+            "sparse_nlp.distributed.ignore_block_values_in_ddp(model) before wrapping it in DDP and "
+            "all_reduce_block_grads(model) after each synchronising backward (SparseTrainer does both)."
+        )

@@ -12,7 +12,11 @@ Everything sparse happens in :class:`SparsityCallback` (which works in a plain T
   sparsity settings (a one-line ``ValueError`` instead of a state-dict size-mismatch wall);
 - under DDP, no per-forward buffer broadcast (``ddp_broadcast_buffers=False`` unless set): the masks are buffers,
   and the controller already makes every rank hold rank 0's masks after each topology update
-  (see ``sparse_nlp.distributed``), so re-sending them at every forward would only cost bandwidth.
+  (see ``sparse_nlp.distributed``), so re-sending them at every forward would only cost bandwidth;
+- block-sparse layers under DDP: DDP skips their resizable ``values`` and this trainer averages their gradients
+  after each synchronising backward (``training_step``), before clipping and the optimizer step;
+- FSDP (and DeepSpeed) refused at start with one line: they shard or flatten the weights that the masks and the
+  block layout describe, so masks would not be applied where the optimizer writes. DDP keeps every weight whole.
 """
 from __future__ import annotations
 
@@ -26,11 +30,12 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from sparse_nlp.block_layers import BlockSparseLinear
-from sparse_nlp.callback import CONTROLLER_FILE, SparsityCallback
+from sparse_nlp.callback import CONTROLLER_FILE, SparsityCallback, sharded_engine_refusal
 from sparse_nlp.clipping import clip_active_grad_norm_, supports_active_clipping
 from sparse_nlp.config import DENSE, SparsityConfig
 from sparse_nlp.console import hide_layer_densities
 from sparse_nlp.controller import SparsityController
+from sparse_nlp.distributed import all_reduce_block_grads, ignore_block_values_in_ddp
 from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers, sparsify
 
 MATCHED_SETTINGS = ("density", "method", "distribution", "block_size")  # a resumed or pre-sparsified run must agree on these
@@ -44,16 +49,22 @@ class SparseTrainer(Trainer):
         if config.method != DENSE and not sparse_layers(model):
             sparsify(model, config=config)
         self.sparsity_config = config
-        if config.method != DENSE and args is not None and args.ddp_broadcast_buffers is None:
+        sparse = config.method != DENSE
+        if sparse and args is not None and args.ddp_broadcast_buffers is None:
             args.ddp_broadcast_buffers = False  # before super().__init__, which builds the Accelerator (and DDP kwargs)
+        # DDP (wrapped at train time) must skip the block values; their gradients are averaged in training_step.
+        self._block_values = ignore_block_values_in_ddp(model) if sparse else []
         super().__init__(model, args, *trainer_args, **kwargs)
         self.sparsity_callback: Optional[SparsityCallback] = None
-        if config.method == DENSE:
+        if not sparse:
             return
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise sharded_engine_refusal("FSDP" if self.is_fsdp_enabled else "DeepSpeed")
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SparsityCallback)]
         self.sparsity_callback = found[0] if found else SparsityCallback(config)
         if not found:
             self.add_callback(self.sparsity_callback)
+        self.sparsity_callback.syncs_block_grads = True
         hide_layer_densities(self.callback_handler)
 
     @property
@@ -78,6 +89,12 @@ class SparseTrainer(Trainer):
         if self.sparsity_callback is not None and "loss" in logs:  # training-step logs only, not eval/summary
             logs.update(self.sparsity_callback.log_metrics())
         super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._block_values and self.accelerator.sync_gradients:  # the synchronising backward (not under no_sync)
+            all_reduce_block_grads(self.model)  # a no-op on one process
+        return loss
 
     def _clip_grad_norm(self, model):
         # Sparse runs clip by the norm of what the optimizer applies, without absent weights (sparse_nlp.clipping).
