@@ -3,6 +3,7 @@
     python benchmarks/bench_training.py                          # fp32; density 0.2 and 0.1, block 64
     python benchmarks/bench_training.py --precisions fp32 bf16   # adds a bf16 (autocast) column
     python benchmarks/bench_training.py --device cuda --bf16     # on a GPU (--bf16: fp32 and bf16 columns)
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_training.py   # DDP: 2 processes (CPU: gloo, cores split)
 
 What is timed is what a user pays: whole cycles of ``--cycle`` optimizer steps, each ending with a real topology
 update. A block-sparse run in ``fast`` mode computes the dense weight gradient (for the momentum of absent blocks)
@@ -10,6 +11,10 @@ in the last ``--window`` steps of each cycle, then updates the topology: both ar
 default, 1 window step in a cycle of 10 with an update at its end, is the library's 10-in-100 ratio with the
 update's own cost counted 10x more often than in training, so the figure errs low. Variants run interleaved (one
 cycle each per round, after a warm-up cycle), and the table reports the median tokens/s over rounds.
+
+Under torchrun every variant trains in DDP with per-process batch ``--batch`` (tokens/s counts all processes):
+DDP skips the block ``values`` and ``all_reduce_block_grads`` averages their gradients after each backward, as
+SparseTrainer does; the gradient sync is inside the timed window.
 
 Memory counts elements of the sparse layers' weights + AdamW state against the dense model's same layers (during
 the window each sparse layer also holds one dense fp32 gradient sum, freed at the update).
@@ -32,7 +37,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
+import torch.distributed as dist
+
 from sparse_nlp import SparsityController, sparse_layers, sparsify
+from sparse_nlp.distributed import all_reduce_block_grads, ignore_block_values_in_ddp, is_distributed
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -59,6 +67,10 @@ class Variant:
             sparsify(self.model, density=density, block_size=args.block_size, block_momentum=args.block_momentum,
                      update_interval=args.cycle, momentum_window=args.window)
         self.model.to(device)
+        self.forward = self.model
+        if is_distributed():  # torchrun: DDP skips the resizable block values; train_cycle syncs their gradients
+            ignore_block_values_in_ddp(self.model)
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         # total_steps far beyond the benchmark: updates keep coming at every cycle's end, at a high prune rate
         self.controller = (SparsityController(self.model, self.optimizer, total_steps=10**6)
@@ -79,14 +91,16 @@ class Variant:
         start = time.perf_counter()
         for _ in range(steps):
             with self._autocast():
-                loss = self.model(input_ids=batch, labels=batch).loss
+                loss = self.forward(input_ids=batch, labels=batch).loss
             loss.backward()
+            all_reduce_block_grads(self.model)  # a no-op on one process
             self.optimizer.step()
             if self.controller is not None and self.controller.step() is not None:
                 self.updates += 1
             self.optimizer.zero_grad(set_to_none=True)
         self._sync()
-        return batch.numel() * steps / (time.perf_counter() - start)
+        world = dist.get_world_size() if is_distributed() else 1
+        return batch.numel() * world * steps / (time.perf_counter() - start)
 
     def sparse_memory_ratio(self) -> float:
         layers = [layer for _, layer in sparse_layers(self.model)]
@@ -126,9 +140,14 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # started by torchrun
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count())
+        torch.set_num_threads(max(1, os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     variants = [Variant(args, device, precision, density)
                 for precision in args.precisions for density in [None, *args.densities]]
     batch = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -139,10 +158,13 @@ def main(argv=None) -> dict:
     for round_index in range(args.rounds):
         for variant in variants:
             variant.tokens_per_second.append(variant.train_cycle(batch, args.cycle))
-        print(f"round {round_index + 1}/{args.rounds} done", flush=True)
+        if not is_distributed() or dist.get_rank() == 0:
+            print(f"round {round_index + 1}/{args.rounds} done", flush=True)
 
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    if world > 1:
+        machine += f" per process, {world} DDP processes"
     rows = []
     for variant in variants:
         dense = next(v for v in variants if v.precision == variant.precision and v.density is None)
@@ -153,9 +175,14 @@ def main(argv=None) -> dict:
             "samples": variant.tokens_per_second, "updates_timed": variant.updates,
             "memory_vs_dense": variant.sparse_memory_ratio() if variant.density is not None else 1.0,
         })
-    result = {"args": vars(args), "device": str(device), "machine": machine, "torch": torch.__version__, "rows": rows}
+    result = {"args": vars(args), "device": str(device), "machine": machine, "torch": torch.__version__,
+              "processes": world, "rows": rows}
+    if world > 1:
+        dist.destroy_process_group()
+        if int(os.environ.get("RANK", "0")) != 0:
+            return result
     print(f"\nGPT-2 width {args.d_model}, {args.layers} layers, vocab {args.vocab}, dropout {args.dropout}, "
-          f"{args.batch}x{args.seq_len} tokens per step, AdamW, {device} ({machine}); median of {args.rounds} full cycles of {args.cycle} steps "
+          f"{args.batch}x{args.seq_len} tokens per step and process, AdamW, {device} ({machine}); median of {args.rounds} full cycles of {args.cycle} steps "
           f"(dense dW in {args.window}, topology update at the end), interleaved\n")
     header = "| variant | " + " | ".join(f"{p} tokens/s | {p} vs dense" for p in args.precisions)
     print(header + " | sparse layers' weights + Adam state vs dense |")
