@@ -48,6 +48,7 @@ from sparse_nlp.config import DENSE
 from sparse_nlp.precision import has_fast_bf16
 from sparse_nlp.lm.data import load_text_dataset, tokenize_and_pack
 from sparse_nlp.lm.evaluation import concatenate_token_ids, evaluate_perplexity
+from sparse_nlp.lm.machine_load import OtherLoad
 from sparse_nlp.lm.plots import write_training_plot
 from sparse_nlp.lm.speed import measure_kernel_speedup
 from sparse_nlp.lm.reporting import (
@@ -295,7 +296,8 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
         model=model, args=args, train_dataset=blocks["train"], data_collator=default_data_collator,
         processing_class=tokenizer, sparsity_config=sparsity,
     )
-    output = trainer.train(resume_from_checkpoint=resume_point(training_args, run_dir, single_run))
+    with OtherLoad() as load:  # was the machine quiet while it trained? (the speed is comparable only then)
+        output = trainer.train(resume_from_checkpoint=resume_point(training_args, run_dir, single_run))
     model = trainer.model
     stride = data_args.eval_stride or max(1, model_args.seq_length // 2)
     perplexity = {}
@@ -322,6 +324,7 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
         compute_path=describe_compute_path(model),
         loss_history=[(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry],
         density_history=list(controller.density_history) if controller is not None else [],
+        other_load=load.share if args.world_size == 1 else None,  # other ranks of this job would count as others
     )
     if controller is not None:
         unsparsify(model)  # the final model is a plain transformers model: masked weights are exact zeros

@@ -265,3 +265,15 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="training.max_steps=4 but this study has training.max_steps=6"):  # other settings: refused, not mixed into the table
         study_lm.main(flags + ["--max_steps", "6"])
     assert os.path.isfile(study / "study.json")
+
+
+def test_a_group_speed_comes_from_runs_on_a_quiet_machine():
+    def timed(seed, speed, load):
+        row = _row("momentum", 0.1, seed, 110.0)
+        return StudyResult(**{**row.__dict__, "tokens_per_second": speed, "other_load": load})
+
+    mixed = aggregate([timed(0, 50.0, 0.4), timed(1, 100.0, 0.01), timed(2, 120.0, None)])[0]
+    assert mixed.tokens_per_second == 110.0 and not mixed.speed_on_busy_machine  # the busy run's 50 left out
+    busy = aggregate([timed(0, 50.0, 0.4)])
+    assert busy[0].tokens_per_second == 50.0 and busy[0].speed_on_busy_machine
+    assert "50 (busy)" in format_study(busy)

@@ -37,6 +37,7 @@ class RunResult:
     compute_path: str = "dense"  # how the linear layers computed: see describe_compute_path
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss) per log
     density_history: list[dict] = field(default_factory=list)  # controller.density_history: at the start, per update
+    other_load: Optional[float] = None  # share of the cores other processes used while it trained (lm.machine_load)
 
 
 COLUMNS = (  # (header, how to format a row)

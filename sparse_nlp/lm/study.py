@@ -118,6 +118,7 @@ class StudyResult:
     topology_updates: int
     compute_path: str
     precision: str  # "bf16" (autocast) or "fp32"
+    other_load: Optional[float] = None  # share of the cores other processes used while it trained; None: unknown
     loss_history: list = field(default_factory=list)
     density_history: list = field(default_factory=list)
 
@@ -172,7 +173,7 @@ def study_result(
         train_tokens=result.train_tokens,
         resumed_from_step=resumed_from_step, topology_updates=result.topology_updates,
         compute_path=result.compute_path, precision=precision, loss_history=[list(p) for p in result.loss_history],
-        density_history=list(result.density_history),
+        density_history=list(result.density_history), other_load=result.other_load if speed else None,
     )
 
 

@@ -122,10 +122,10 @@ def _speed(figure, groups, results, layer_density) -> None:
         if label == "small-dense":
             continue
         block = members[0].block_size > 1
-        members = [g for g in members if g.tokens_per_second is not None]
+        members = [g for g in members if g.tokens_per_second is not None and not g.speed_on_busy_machine]
         axes.plot([g.density for g in members], [g.tokens_per_second for g in members], marker="s" if block else "o",
                   linestyle="-" if block else ":", label=label)
-    dense = [g for g in groups if g.method == DENSE and g.tokens_per_second is not None]
+    dense = [g for g in groups if g.method == DENSE and g.tokens_per_second is not None and not g.speed_on_busy_machine]
     if dense:
         axes.axhline(dense[0].tokens_per_second, color="gray", linewidth=1.5, label="dense")
     _density_axis(axes, groups)

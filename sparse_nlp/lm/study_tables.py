@@ -4,7 +4,9 @@
     write_study(results, "runs/study_lm", notes)      # study.json, study.csv, study.md
 
 The spread is the sample standard deviation over seeds (None for a single seed); study.md writes
-``mean ± sd`` and the number of seeds beside it.
+``mean ± sd`` and the number of seeds beside it. A group's tokens/s is the mean over its runs trained on a quiet
+machine (``other_load`` at most ``machine_load.QUIET_SHARE``); where every run shared the cores with other work,
+the table marks the figure "(busy)" and the speed plot leaves it out.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence
 
 from sparse_nlp.config import DENSE
+from sparse_nlp.lm.machine_load import is_quiet
 from sparse_nlp.lm.reporting import aligned_table, format_duration
 from sparse_nlp.lm.study import SMALL_DENSE, StudyResult
 
@@ -43,7 +46,8 @@ class StudyGroup:
     val_perplexity_max: float
     test_perplexity: Optional[float]
     test_perplexity_sd: Optional[float]
-    tokens_per_second: Optional[float]  # over the runs whose speed was measured
+    tokens_per_second: Optional[float]  # over the runs whose speed was measured on a quiet machine (or all, if none)
+    speed_on_busy_machine: bool  # every measured speed of the group had other processes busy on the cores
     wall_seconds: Optional[float]  # per run
 
     @property
@@ -71,6 +75,9 @@ def aggregate(results: Sequence[StudyResult]) -> list[StudyGroup]:
     for (method, block_size, density), runs in keyed.items():
         val = [r.val_perplexity for r in runs]
         tests = [r.test_perplexity for r in runs if r.test_perplexity is not None]
+        measured = [r for r in runs if r.tokens_per_second is not None]
+        quiet = [r for r in measured if is_quiet(r.other_load) is not False]  # unknown load counts as quiet
+        speeds = quiet or measured
         groups.append(StudyGroup(
             method=method, block_size=block_size, density=density, seeds=sorted(r.seed for r in runs),
             width=runs[0].width, linear_nonzeros=statistics.mean(r.linear_nonzeros for r in runs),
@@ -79,7 +86,8 @@ def aggregate(results: Sequence[StudyResult]) -> list[StudyGroup]:
             average_params=statistics.mean(r.average_params for r in runs),
             val_perplexity=statistics.mean(val), val_perplexity_sd=_sd(val), val_perplexity_min=min(val),
             val_perplexity_max=max(val), test_perplexity=statistics.mean(tests) if tests else None,
-            test_perplexity_sd=_sd(tests), tokens_per_second=_mean_of(r.tokens_per_second for r in runs),
+            test_perplexity_sd=_sd(tests), tokens_per_second=_mean_of(r.tokens_per_second for r in speeds),
+            speed_on_busy_machine=bool(speeds) and speeds is measured,
             wall_seconds=_mean_of(r.wall_seconds for r in runs),
         ))
     return groups
@@ -128,7 +136,7 @@ def _group_table(groups: Sequence[StudyGroup], dense: Optional[StudyGroup]) -> s
             g.label, str(len(g.seeds)), str(g.width), _count(g.linear_nonzeros), _count(g.other_params),
             "= final" if same else _count(g.average_params), _mean_sd(g.val_perplexity, g.val_perplexity_sd),
             _versus(g.val_perplexity, dense), _mean_sd(g.test_perplexity, g.test_perplexity_sd),
-            "-" if g.tokens_per_second is None else f"{g.tokens_per_second:,.0f}",
+            "-" if g.tokens_per_second is None else f"{g.tokens_per_second:,.0f}" + (" (busy)" if g.speed_on_busy_machine else ""),
             "-" if g.wall_seconds is None else format_duration(g.wall_seconds),
         ])
     return aligned_table(rows)
