@@ -75,8 +75,11 @@ def all_reduce_block_grads(model: torch.nn.Module) -> None:
     """
     if not is_distributed():
         return
-    names = set(block_values_names(model))
-    _average_in_place([p.grad for n, p in model.named_parameters() if n in names and p.grad is not None])
+    from sparse_nlp.block_layers import BlockSparseLinear  # here: block_layers sits above this module
+
+    # Every training step under DDP: one walk over the modules, no name lookups.
+    _average_in_place([m.values.grad for m in model.modules()
+                       if isinstance(m, BlockSparseLinear) and m.values.grad is not None])
 
 
 @torch.no_grad()
