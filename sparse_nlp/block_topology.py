@@ -26,6 +26,7 @@ def block_layer_state(
     optimizer: torch.optim.Optimizer,
     method: TopologyMethod,
     generator: torch.Generator,
+    adam: str = "normalized",
 ) -> LayerState:
     grid = layer.block_mask.shape
     live = layer.block_mask.view(-1).nonzero().squeeze(1)
@@ -44,7 +45,7 @@ def block_layer_state(
             gradient = pooled.view(grid)
         if method.needs_momentum:
             momentum = pooled.clone()
-            live_momentum = optimizer_momentum(optimizer.state.get(layer.values, {}))
+            live_momentum = optimizer_momentum(optimizer.state.get(layer.values, {}), adam)
             if live_momentum is not None:
                 momentum[live] = _live_block_means(live_momentum)
             momentum = momentum.view(grid)

@@ -9,6 +9,8 @@ DISTRIBUTIONS = ("uniform", "erk")
 INITS = ("random", "magnitude")
 BLOCK_SIZES = (1, 16, 32, 64, 128)  # 1 = fine-grained; the others are the block-sparse kernels' sizes
 BLOCK_MOMENTA = ("exact", "fast")
+ADAM_MOMENTA = ("normalized", "raw")
+REGROWN_STATES = ("reset", "keep")
 DENSE = "dense"  # not a sparsity method: recipes train the dense baseline when they see it
 
 
@@ -57,6 +59,20 @@ class SparsityConfig:
         default=0.9,
         metadata={"help": "Decay of the gradient average used as momentum when the optimizer keeps no momentum."},
     )
+    adam_momentum: str = field(
+        default="normalized",
+        metadata={
+            "help": "How momentum is read from Adam/AdamW: normalized (exp_avg / sqrt(exp_avg_sq), as the reference) "
+            "or raw (exp_avg)."
+        },
+    )
+    regrown_state: str = field(
+        default="reset",
+        metadata={
+            "help": "Optimizer state of regrown weights (fine-grained masks): reset (zeroed, as the reference) or keep "
+            "(what it gathered from the straight-through gradients while the weight was absent)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for the initial masks and random growth."})
     block_size: int = field(
         default=1,
@@ -98,12 +114,19 @@ class SparsityConfig:
             raise ValueError(f"update_end_fraction must be in (0, 1], got {self.update_end_fraction!r}.")
         if not 0 <= self.momentum_beta < 1:
             raise ValueError(f"momentum_beta must be in [0, 1), got {self.momentum_beta!r}.")
+        if self.adam_momentum not in ADAM_MOMENTA:
+            raise ValueError(f"unknown adam_momentum {self.adam_momentum!r}; choose normalized or raw.")
+        if self.regrown_state not in REGROWN_STATES:
+            raise ValueError(f"unknown regrown_state {self.regrown_state!r}; choose reset or keep.")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}.")
         if self.block_momentum not in BLOCK_MOMENTA:
             raise ValueError(f"unknown block_momentum {self.block_momentum!r}; choose exact or fast.")
         if int(self.momentum_window) != self.momentum_window or self.momentum_window < 1:
             raise ValueError(f"momentum_window must be a positive integer, got {self.momentum_window!r}.")
+        if self.regrown_state == "keep" and self.block_size > 1:
+            raise ValueError("regrown_state=keep needs fine-grained masks (block_size 1): block-sparse layers keep no "
+                             "optimizer state for absent blocks.")
         if self.target_modules is not None and self.target_regex is not None:
             raise ValueError("give either target_modules or target_regex, not both.")
 

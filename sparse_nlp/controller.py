@@ -70,7 +70,9 @@ class SparsityController:
         self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
         # Fine-grained layers: momentum from the optimizer, or a gradient average kept here (block layers: see
         # block_topology). Indexed by position in self.layers.
-        self.momentum = MomentumTracker(optimizer, [layer.weight for _, layer in self.layers], config.momentum_beta)
+        self.momentum = MomentumTracker(
+            optimizer, [layer.weight for _, layer in self.layers], config.momentum_beta, config.adam_momentum
+        )
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # growth draws; distinct from the init's
         self.step_count = 0
         self.update_count = 0
@@ -153,7 +155,7 @@ class SparsityController:
                 if is_distributed():  # rank 0's blocks, before the values move (they must match the mask)
                     broadcast_masks([state.mask])
                 layer.set_block_mask(state.mask, self.optimizer)
-            else:
+            elif self.config.regrown_state == "reset":
                 self.momentum.reset(i, grown)
             if int(layer.mask.sum()) != expected:  # cannot happen unless a method breaks the contract: fail loudly
                 raise RuntimeError(f"{state.name}: {int(layer.mask.sum())} active units after update, planned {expected}.")
@@ -187,7 +189,7 @@ class SparsityController:
 
     def _layer_state(self, index: int, name: str, layer) -> LayerState:
         if isinstance(layer, BlockSparseLinear):
-            return block_layer_state(name, layer, self.optimizer, self.method, self.generator)
+            return block_layer_state(name, layer, self.optimizer, self.method, self.generator, self.config.adam_momentum)
         gradient = None
         if self.method.needs_gradient:
             gradient = layer.weight.grad

@@ -2,7 +2,7 @@
 
 - SGD with momentum: ``momentum_buffer``.
 - Adam / AdamW (anything with ``exp_avg`` and ``exp_avg_sq``): ``exp_avg / (sqrt(exp_avg_sq) + eps)``, as the
-  reference implementation does.
+  reference implementation does (``adam="raw"``: ``exp_avg``).
 - Any other optimizer (Adagrad, RMSprop, plain SGD, ...): an exponential average of gradients kept here.
 The optimizer itself is never wrapped or patched: its state is read, and zeroed at regrown positions.
 """
@@ -15,9 +15,14 @@ import torch
 ADAM_EPS = 1e-8
 
 
-def optimizer_momentum(state: dict) -> Optional[torch.Tensor]:
-    """The momentum an optimizer keeps for one parameter, or None if it keeps none."""
+def optimizer_momentum(state: dict, adam: str = "normalized") -> Optional[torch.Tensor]:
+    """The momentum an optimizer keeps for one parameter, or None if it keeps none.
+
+    ``adam``: how Adam's is read, ``normalized`` (exp_avg / sqrt(exp_avg_sq), the reference's) or ``raw`` (exp_avg).
+    """
     if isinstance(state.get("exp_avg"), torch.Tensor) and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+        if adam == "raw":
+            return state["exp_avg"]
         return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + ADAM_EPS)
     if isinstance(state.get("momentum_buffer"), torch.Tensor):
         return state["momentum_buffer"]
@@ -27,10 +32,14 @@ def optimizer_momentum(state: dict) -> Optional[torch.Tensor]:
 class MomentumTracker:
     """Momentum per parameter: the optimizer's own where it has one, else a gradient average kept here."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], beta: float):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], beta: float,
+        adam: str = "normalized",
+    ):
         self.optimizer = optimizer
         self.params = list(params)
         self.beta = beta
+        self.adam = adam
         self.gradient_average: dict[int, torch.Tensor] = {}  # by index into params
 
     def _needs_own_average(self, param: torch.nn.Parameter) -> bool:
@@ -53,7 +62,7 @@ class MomentumTracker:
 
     def momentum(self, index: int) -> torch.Tensor:
         param = self.params[index]
-        found = optimizer_momentum(self.optimizer.state.get(param, {}))
+        found = optimizer_momentum(self.optimizer.state.get(param, {}), self.adam)
         if found is not None:
             return found
         if index in self.gradient_average:

@@ -17,9 +17,9 @@ class TwoLayers(nn.Module):
         self.b = nn.Linear(shape_b[1], shape_b[0], bias=False)
 
 
-def _setup(weights, momenta, prune_rate=0.5):
+def _setup(weights, momenta, prune_rate=0.5, **options):
     """Two layers with the given weights (zeros = absent) and SGD momentum buffers; prune rate at step 0."""
-    model = sparsify(TwoLayers(weights[0].shape, weights[1].shape), density=0.5, prune_rate=prune_rate)
+    model = sparsify(TwoLayers(weights[0].shape, weights[1].shape), density=0.5, prune_rate=prune_rate, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for (_, layer), weight, momentum in zip(sparse_layers(model), weights, momenta):
         with torch.no_grad():
@@ -61,6 +61,47 @@ def test_prune_redistribute_grow_by_hand():
     assert optimizer.state[a.weight]["momentum_buffer"].view(-1)[1].item() == 0.0
     # Total conserved exactly: 4 + 4 active before, 3 + 5 after.
     assert a.nonzeros + b.nonzeros == 8
+
+
+def test_regrown_state_keep_leaves_the_momentum_gathered_while_absent():
+    weight_a = torch.tensor([[1.0, 0, 3, 0], [0, -2, 0, 4]])
+    weight_b = torch.tensor([[0.5, 0, 0, 6], [0, 0, 7, -8]])
+    momentum_a = torch.tensor([[0.1, 0.9, 0.1, 0.5], [0.2, 0.1, 0.3, -0.1]])
+    momentum_b = torch.tensor([[0.3, 0.05, 0.4, -0.3], [0.6, 0.2, 0.3, 0.3]])
+    model, optimizer, controller = _setup([weight_a, weight_b], [momentum_a, momentum_b], regrown_state="keep")
+    controller.update()
+    # The same topology as with the default reset (test above), but the grown positions keep their buffers.
+    assert _active(model.a) == [1, 2, 7] and _active(model.b) == [0, 2, 4, 6, 7]
+    assert torch.equal(optimizer.state[model.b.weight]["momentum_buffer"], momentum_b)
+    assert torch.equal(optimizer.state[model.a.weight]["momentum_buffer"], momentum_a)
+    assert model.b.weight.view(-1)[[0, 2, 4]].tolist() == [0.0, 0.0, 0.0]  # the weights themselves still start at 0
+
+
+def _adam_setup(adam_momentum):
+    """One layer, two absent positions whose raw and Adam-normalized momenta rank the other way round."""
+    weight = torch.tensor([[1.0, 0.0, 0.0, 2.0]])
+    model = sparsify(TwoLayers((1, 4), (1, 4)), density=0.5, prune_rate=0.5, adam_momentum=adam_momentum)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _, layer in sparse_layers(model):
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.mask.copy_(weight != 0)
+        # position 1: large exp_avg but larger exp_avg_sq (normalized 0.1); position 2: small but steady (normalized 1)
+        optimizer.state[layer.weight].update(
+            step=torch.tensor(10.0), exp_avg=torch.tensor([[0.5, 1.0, 0.01, 0.5]]),
+            exp_avg_sq=torch.tensor([[1.0, 100.0, 1e-4, 1.0]]),
+        )
+    return model, SparsityController(model, optimizer, total_steps=1000)
+
+
+def test_adam_momentum_normalized_or_raw_decides_where_weights_grow():
+    # Each layer prunes ceil(0.5 * 2) = 1 (the weight 1.0 at position 0) and grows 1 among positions 0, 1, 2.
+    model, controller = _adam_setup("normalized")
+    controller.update()
+    assert _active(model.a) == [2, 3]  # exp_avg / sqrt(exp_avg_sq): 0.5, 0.1, 1.0 -> position 2
+    model, controller = _adam_setup("raw")
+    controller.update()
+    assert _active(model.a) == [1, 3]  # exp_avg: 0.5, 1.0, 0.01 -> position 1
 
 
 def test_redistribution_never_exceeds_capacity_and_hands_overflow_on():

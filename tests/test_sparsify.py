@@ -116,6 +116,16 @@ def test_unknown_method_lists_known_ones():
         sparsify(build("mlp"), density=0.2, method="lottery")
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [({"adam_momentum": "signed"}, "choose normalized or raw"), ({"regrown_state": "random"}, "choose reset or keep"),
+     ({"regrown_state": "keep", "block_size": 16}, "needs fine-grained masks")],
+)
+def test_bad_momentum_options_are_one_clear_error(options, message):
+    with pytest.raises(ValueError, match=message):
+        SparsityConfig(density=0.2, **options)
+
+
 def test_unknown_option_is_an_error():
     with pytest.raises(TypeError, match="unknown option"):
         sparsify(build("mlp"), density=0.2, desnity=0.3)
