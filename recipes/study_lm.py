@@ -52,6 +52,8 @@ from sparse_nlp.lm.study_plots import write_study_plots  # noqa: E402
 from sparse_nlp.lm.study_tables import write_study  # noqa: E402
 
 GRID_FIELDS = ("density", "method", "block_size")  # SparsityConfig fields the grid sets per run
+# Sparsity options added after results were first written; those files hold the value every run had then.
+ADDED_SETTINGS = {"sparsity.adam_momentum": "normalized", "sparsity.regrown_state": "reset"}
 STUDY_SPARSITY_DEFAULTS = {"update_interval": 100}  # 16 topology updates in 1,600 steps (the reference's interval)
 
 # --quick: a tiny grid on a tiny model, a few minutes on 2 cores. Flags given after it still win.
@@ -226,7 +228,7 @@ def run_study(model_args, data_args, sparsity_options, study: StudyArguments, tr
                                                              training_args)
         settings = run_settings(run, run_model_args, data_args, sparsity, args)
         folder = run_dir(training_args.output_dir, run)
-        done = load_result(folder, settings)
+        done = load_result(folder, settings, ADDED_SETTINGS)
         skipped = " (finished before, skipped)" if done is not None else ""
         if done is None:
             log(f"[{i}/{len(grid)}] training {run.name}", flush=True)

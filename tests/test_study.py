@@ -185,6 +185,20 @@ def test_a_result_from_other_settings_is_refused(tmp_path):
     assert load_result(str(tmp_path / "missing"), {}) is None
 
 
+def test_a_setting_added_later_is_read_at_its_old_value_from_older_files(tmp_path):
+    row = _row("momentum", 0.1, 0, 110.0)
+    write_result(str(tmp_path), row, {"sparsity": {"density": 0.1}, "training": {"max_steps": 10}})
+    added = {"sparsity.regrown_state": "reset"}
+    ours = {"sparsity": {"density": 0.1, "regrown_state": "reset"}, "training": {"max_steps": 10}}
+    assert load_result(str(tmp_path), ours, added) == row
+    with pytest.raises(ValueError, match="regrown_state"):  # the old file was trained with the old value
+        load_result(str(tmp_path), {**ours, "sparsity": {"density": 0.1, "regrown_state": "keep"}}, added)
+    with pytest.raises(ValueError, match="regrown_state"):  # without being told, a missing key is a difference
+        load_result(str(tmp_path), ours)
+    write_result(str(tmp_path), row, {"sparsity": None, "training": {"max_steps": 10}})  # dense: no sparsity section
+    assert load_result(str(tmp_path), {"sparsity": None, "training": {"max_steps": 10}}, added) == row
+
+
 # ---- the recipe end to end: a killed study resumes without redoing finished runs ------------------------------------
 WORDS = "the nation people congress year government states united new great war peace law public world".split()
 

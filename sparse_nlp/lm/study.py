@@ -190,8 +190,12 @@ def write_result(folder: str, result: StudyResult, settings: dict) -> str:
     return path
 
 
-def load_result(folder: str, settings: dict) -> Optional[StudyResult]:
-    """The finished run's result, or None if it has not finished. A ValueError if it finished with other settings."""
+def load_result(folder: str, settings: dict, added_settings: Optional[dict] = None) -> Optional[StudyResult]:
+    """The finished run's result, or None if it has not finished. A ValueError if it finished with other settings.
+
+    ``added_settings``: flattened keys (``"sparsity.regrown_state"``) of settings that did not exist when older
+    result files were written, with the value every run had then; a file without the key is read as having it.
+    """
     path = os.path.join(folder, RESULT_FILE)
     if not os.path.isfile(path):
         return None
@@ -199,6 +203,10 @@ def load_result(folder: str, settings: dict) -> Optional[StudyResult]:
         saved = json.load(f)
     theirs = _flatten(saved["settings"])
     ours = _flatten(json.loads(json.dumps(settings)))  # the same JSON round trip: tuples become lists
+    for key, value in (added_settings or {}).items():
+        section = key.rsplit(".", 1)[0]
+        if key not in theirs and any(k.startswith(section + ".") for k in theirs):  # the section exists, the key not
+            theirs[key] = value
     for key in sorted(set(theirs) | set(ours)):
         if theirs.get(key) != ours.get(key):
             raise ValueError(
