@@ -23,7 +23,7 @@ from sparse_nlp.lm.study import (
     study_result,
     write_result,
 )
-from sparse_nlp.lm.study_tables import aggregate, format_study, write_study
+from sparse_nlp.lm.study_tables import aggregate, format_study, format_summary, write_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,6 +145,11 @@ def test_aggregation_gives_mean_and_spread_over_seeds(tmp_path):
     assert groups[2].val_perplexity_sd is None
     text = format_study(groups)
     assert "## Density 0.1" in text and "112.00 ± 2.83" in text and "+12.0%" in text and "momentum (block 64)" in text
+    summary = [[cell.strip() for cell in line.split("|")[1:-1]] for line in format_summary(groups).splitlines()]
+    assert summary[0] == ["validation perplexity", "density 0.1"]
+    assert summary[2:6] == [["dense (density 1)", "100.00"], ["momentum", "112.00 ± 2.83 (2 seeds)"],
+                            ["static", "120.00"], ["momentum (block 64)", "130.00"]]
+    assert summary[-2:] == [["static", "-6.7%"], ["dense", "+12.0%"]]  # momentum 112 vs static 120, vs dense 100
     paths = write_study(rows, str(tmp_path), ["a note"])
     saved = json.loads(Path(paths[0]).read_text())
     assert len(saved["runs"]) == 5 and saved["groups"][1]["val_perplexity"] == 112.0

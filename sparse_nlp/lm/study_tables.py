@@ -116,12 +116,49 @@ def format_study(groups: Sequence[StudyGroup], notes: Sequence[str] = ()) -> str
     """study.md: one table per density (dense first), methods as rows, each a mean over its seeds."""
     dense = next((g for g in groups if g.method == DENSE), None)
     lines = ["# The NLP-gap study", ""] + [f"{note}\n" for note in notes]
+    if any(g.method != DENSE for g in groups):
+        lines += ["## Summary", "", format_summary(groups), ""]
     if dense is not None:
         lines += ["## Dense (the full model)", "", _group_table([dense], dense), ""]
     for density in sorted({g.density for g in groups if g.method != DENSE}, reverse=True):
         lines += [f"## Density {density:g}", "", _group_table([g for g in groups if g.density == density and
                                                               g.method != DENSE], dense), ""]
     return "\n".join(lines)
+
+
+def format_summary(groups: Sequence[StudyGroup]) -> str:
+    """Validation perplexity, methods by density (mean ± sd over seeds; the seed count where there are several),
+    then sparse momentum against each reference at each density (negative: momentum is better)."""
+    densities = sorted({g.density for g in groups if g.method != DENSE}, reverse=True)
+    dense = next((g for g in groups if g.method == DENSE), None)
+    labels = list(dict.fromkeys(g.label for g in groups))
+    by_cell = {(g.label, g.density): g for g in groups}
+    rows = [["validation perplexity"] + [f"density {d:g}" for d in densities]]
+    for label in labels:
+        cells = []
+        for density in densities:
+            g = dense if dense is not None and label == dense.label else by_cell.get((label, density))
+            if g is None:
+                cells.append("-")
+            else:
+                seeds = f" ({len(g.seeds)} seeds)" if len(g.seeds) > 1 else ""
+                cells.append(_mean_sd(g.val_perplexity, g.val_perplexity_sd) + seeds)
+        rows.append([label + (" (density 1)" if dense is not None and label == dense.label else "")] + cells)
+    text = aligned_table(rows)
+    momentum = {d: by_cell.get(("momentum", d)) for d in densities}
+    if not any(momentum.values()):
+        return text
+    references = [label for label in ("static", "set", "small-dense", "rigl", "magnitude", "dense") if label in labels]
+    versus = [["sparse momentum vs"] + [f"density {d:g}" for d in densities]]
+    for label in references:
+        cells = []
+        for density in densities:
+            ours = momentum[density]
+            theirs = dense if label == "dense" else by_cell.get((label, density))
+            cells.append("-" if ours is None or theirs is None else
+                         f"{100 * (ours.val_perplexity / theirs.val_perplexity - 1):+.1f}%")
+        versus.append([label] + cells)
+    return text + "\n\n" + aligned_table(versus)
 
 
 HEADER = ("method", "seeds", "width", "linear nonzeros", "embeddings etc.", "average params", "val ppl", "vs dense",
