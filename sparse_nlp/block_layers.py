@@ -10,6 +10,8 @@ contents of the new size (surviving blocks copied, new blocks 0) and remaps the 
 
 For the momentum of *absent* blocks the layer can collect the dense weight gradient dY^T X (``collect_dense_grad``)
 from a hook on its output; the controller decides when (every step: ``exact``; a window before updates: ``fast``).
+It keeps the first and second moments of those gradients (window sums, or running averages), so that every block,
+live or absent, gets a momentum on one scale: mean / sqrt(mean square) per weight, as Adam normalises its own.
 """
 from __future__ import annotations
 
@@ -57,9 +59,12 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("block_mask", block_mask.to(device=values.device, dtype=torch.bool))
         self.target_nonzeros = int(self.block_mask.sum())  # in blocks: the unit topology updates move
         self.collect_dense_grad = False
-        self.dense_grad_sum: Optional[torch.Tensor] = None  # dY^T X summed since the last fold (exact) / in the window (fast)
-        self.dense_grad_steps = 0  # fast: optimizer steps summed into dense_grad_sum
-        self.dense_grad_ema: Optional[torch.Tensor] = None  # exact: exponential average over every step
+        self.dense_grad_step: Optional[torch.Tensor] = None  # this optimizer step's dY^T X (micro-batches summed)
+        self.dense_grad_sum: Optional[torch.Tensor] = None  # fast: the window's steps summed ...
+        self.dense_grad_sq_sum: Optional[torch.Tensor] = None  # ... and their squares
+        self.dense_grad_steps = 0  # fast: optimizer steps in the sums
+        self.dense_grad_ema: Optional[torch.Tensor] = None  # exact: exponential average over every step ...
+        self.dense_grad_sq_ema: Optional[torch.Tensor] = None  # ... and of the squares
         self._layout = None  # kernels.BlockSparseLayout, rebuilt when the mask changes
 
     # ---- construction and export ---------------------------------------------------------------------------
@@ -138,45 +143,81 @@ class BlockSparseLinear(nn.Module):
 
     @torch.no_grad()
     def _add_dense_grad(self, grad_output: torch.Tensor, x: torch.Tensor) -> None:
-        """Add this backward's dense dW = dY^T X to the sum, computed in bf16 where the hardware has fast bf16.
+        """Add this backward's dense dW = dY^T X to the step's, computed in bf16 where the hardware has fast bf16.
 
-        The sum only ranks absent blocks by mean |gradient|, so bf16 inputs (fp32 accumulation inside the GEMM,
-        fp32 sum across steps) are plenty, and the GEMM, the cost of the momentum window, runs ~2x faster.
+        The sums only rank blocks by mean |momentum|, so bf16 inputs (fp32 accumulation inside the GEMM, fp32 sums
+        across steps) are plenty, and the GEMM, the cost of the momentum window, runs ~2x faster.
         """
         dtype = dense_grad_dtype(grad_output.device)
         dense = (grad_output.reshape(-1, self.out_features).to(dtype).t() @ x.reshape(-1, self.in_features).to(dtype)).float()
-        if self.dense_grad_sum is None:
-            self.dense_grad_sum = dense
+        if self.dense_grad_step is None:
+            self.dense_grad_step = dense
         else:
-            self.dense_grad_sum.add_(dense)
+            self.dense_grad_step.add_(dense)
 
     @torch.no_grad()
     def end_step(self, ema_beta: Optional[float]) -> None:
-        """After an optimizer step that collected dense gradients (micro-batches summed).
+        """After an optimizer step that collected a dense gradient (under DDP: already averaged over ranks).
 
-        ``ema_beta`` set (exact): fold the step into an exponential average. None (fast): count it; the window's
-        mean is taken at the update, so one dense buffer suffices.
+        ``ema_beta`` set (exact): fold the step and its square into running averages. None (fast): add them to the
+        window's sums; the window's means are taken at the update.
         """
-        if self.dense_grad_sum is None:
+        step, self.dense_grad_step = self.dense_grad_step, None
+        if step is None:
             return
         if ema_beta is None:
+            if self.dense_grad_sum is None:
+                self.dense_grad_sum, self.dense_grad_sq_sum = torch.zeros_like(step), torch.zeros_like(step)
+            self.dense_grad_sum.add_(step)
+            self.dense_grad_sq_sum.addcmul_(step, step)
             self.dense_grad_steps += 1
             return
         if self.dense_grad_ema is None:
-            self.dense_grad_ema = torch.zeros_like(self.dense_grad_sum)
-        self.dense_grad_ema.mul_(ema_beta).add_(self.dense_grad_sum, alpha=1 - ema_beta)
-        self.dense_grad_sum = None
+            self.dense_grad_ema, self.dense_grad_sq_ema = torch.zeros_like(step), torch.zeros_like(step)
+        self.dense_grad_ema.mul_(ema_beta).add_(step, alpha=1 - ema_beta)
+        self.dense_grad_sq_ema.mul_(ema_beta).addcmul_(step, step, value=1 - ema_beta)
 
     def dense_grad_average(self) -> Optional[torch.Tensor]:
-        """What stands in for the momentum of absent blocks, or None if nothing was collected."""
+        """The mean dense gradient (window mean, or running average); None if nothing was collected."""
         if self.dense_grad_ema is not None:
             return self.dense_grad_ema
         if self.dense_grad_sum is not None and self.dense_grad_steps:
             return self.dense_grad_sum / self.dense_grad_steps
         return None
 
+    def dense_grad_momentum(self, adam: str = "normalized") -> Optional[torch.Tensor]:
+        """What stands in for the momentum of every block (live and absent) at a topology update, or None.
+
+        ``normalized``: mean / sqrt(mean square) of each weight's gradients, scale-free as Adam's exp_avg /
+        sqrt(exp_avg_sq), so blocks of weights whose gradients differ in scale (a fused query-key-value projection)
+        compete on how consistent their gradients are; ``raw``: the mean gradient.
+        """
+        mean = self.dense_grad_average()
+        if mean is None or adam == "raw":
+            return mean
+        if self.dense_grad_sq_ema is not None:
+            mean_sq = self.dense_grad_sq_ema
+        else:
+            mean_sq = self.dense_grad_sq_sum / self.dense_grad_steps
+        rms = mean_sq.sqrt()
+        return torch.where(rms > 0, mean / rms.clamp_min(torch.finfo(rms.dtype).tiny), torch.zeros_like(mean))
+
+    DENSE_GRAD_STATE = ("dense_grad_sum", "dense_grad_sq_sum", "dense_grad_ema", "dense_grad_sq_ema")
+
+    def dense_grad_state(self) -> Optional[dict]:
+        """The collected gradient statistics, for a checkpoint taken inside a window (None when there are none)."""
+        state = {key: getattr(self, key) for key in self.DENSE_GRAD_STATE if getattr(self, key) is not None}
+        return {**state, "dense_grad_steps": self.dense_grad_steps} if state else None
+
+    def load_dense_grad_state(self, state: Optional[dict]) -> None:
+        self.clear_dense_grad()
+        for key, value in (state or {}).items():
+            setattr(self, key, value.to(self.values.device) if isinstance(value, torch.Tensor) else value)
+
     def clear_dense_grad(self) -> None:
-        self.dense_grad_sum, self.dense_grad_ema, self.dense_grad_steps = None, None, 0
+        self.dense_grad_step = self.dense_grad_sum = self.dense_grad_sq_sum = None
+        self.dense_grad_ema = self.dense_grad_sq_ema = None
+        self.dense_grad_steps = 0
 
     # ---- topology ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -115,6 +115,8 @@ class SparsityController:
 
     def _fold_dense_grads(self) -> None:
         beta = self.config.momentum_beta if self.config.block_momentum == "exact" else None
+        if is_distributed():  # each rank's step is of its local batch: average first (the squares need the whole)
+            all_reduce_dense_grads(self.block_layers)
         for layer in self.block_layers:
             layer.end_step(beta)
 
@@ -140,9 +142,8 @@ class SparsityController:
         if self.schedule is None:  # static: the mask never changes
             return {"prune_rate": 0.0, "pruned": 0, "grown": 0, "moved": 0, "removed": 0}
         before = [layer.mask.clone() for _, layer in self.layers]
-        if is_distributed() and self.block_layers:  # every rank scores the same: whole-batch dense gradients
+        if is_distributed() and self.block_layers:  # (the dense gradients were averaged over ranks at every step)
             check_block_values_agree([(n, l) for n, l in self.layers if isinstance(l, BlockSparseLinear)])
-            all_reduce_dense_grads(self.block_layers)
         prune_rate = self.schedule.prune_rate_at(self.step_count)
         states = [self._layer_state(i, name, layer) for i, (name, layer) in enumerate(self.layers)]
         plans = self.method.plan(states, prune_rate, self.schedule.progress(self.step_count))
@@ -233,6 +234,9 @@ class SparsityController:
             "momentum": self.momentum.state_dict(),
             "density_history": list(self.density_history),
             "layers": {name: {"shape": list(layer.weight_shape), "nonzeros": layer.nonzeros} for name, layer in self.layers},
+            # block layers inside a momentum window: the gradients collected so far (a resumed run scores the same)
+            "dense_grads": {name: state for name, layer in self.layers if isinstance(layer, BlockSparseLinear)
+                            and (state := layer.dense_grad_state()) is not None},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -264,3 +268,7 @@ class SparsityController:
         self.density_history = list(state.get("density_history") or [self._density_record()])
         self.generator.set_state(state["generator"])
         self.momentum.load_state_dict(state["momentum"])
+        collected = state.get("dense_grads", {})  # absent in checkpoints of older versions
+        for name, layer in self.layers:
+            if isinstance(layer, BlockSparseLinear):
+                layer.load_dense_grad_state(collected.get(name))

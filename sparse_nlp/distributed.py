@@ -8,8 +8,9 @@ non-deterministic kernel, a float tie broken differently) is pulled back instead
 Block-sparse layers store their live blocks in ``values``, which changes size at every topology update; DDP's
 reducer cannot follow that. So DDP skips them (``ignore_block_values_in_ddp``, before wrapping) and their gradients
 are averaged here, in one flat bucket, after each synchronising backward (``all_reduce_block_grads``;
-``SparseTrainer`` does both). The dense gradients a block layer collects for the momentum of its absent blocks are
-per-rank sums of local batches: ``all_reduce_dense_grads`` averages them before a topology update scores them.
+``SparseTrainer`` does both). The dense gradient a block layer collects for the momentum of its blocks is a
+per-rank sum over the local batch: ``all_reduce_dense_grads`` averages each step's over ranks before the layer
+folds it into its sums (their squares too, so those must be of the whole batch's gradient).
 ``check_block_values_agree`` makes a custom loop that forgot the gradient sync fail loudly at the first update.
 """
 from __future__ import annotations
@@ -84,10 +85,10 @@ def all_reduce_block_grads(model: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def all_reduce_dense_grads(layers: Sequence[torch.nn.Module]) -> None:
-    """Average the dense gradients block layers collected (window sum or running average) over ranks."""
+    """Average over ranks the dense gradient each block layer collected in this optimizer step."""
     if not is_distributed():
         return
-    _average_in_place([t for layer in layers for t in (layer.dense_grad_sum, layer.dense_grad_ema) if t is not None])
+    _average_in_place([layer.dense_grad_step for layer in layers if layer.dense_grad_step is not None])
 
 
 @torch.no_grad()

@@ -74,6 +74,52 @@ def test_collected_dense_gradient_is_the_full_weight_gradient():
     torch.testing.assert_close(average, dense_weight.grad, rtol=2e-2, atol=2e-2 * dense_weight.grad.abs().max().item())
 
 
+def _fold(layer, steps, beta=None):
+    for step in steps:
+        layer.dense_grad_step = step.clone()
+        layer.end_step(beta)
+
+
+def test_block_momentum_is_the_collected_gradients_mean_over_their_root_mean_square():
+    layer = sparsify(nn.Sequential(nn.Linear(2 * BLOCK, BLOCK)), density=0.5, block_size=BLOCK)[0]
+    steps = [torch.full((BLOCK, 2 * BLOCK), 3.0), torch.full((BLOCK, 2 * BLOCK), 1.0)]
+    steps[1][0, 0], steps[0][0, 1], steps[1][0, 1] = -3.0, 0.0, 0.0  # position (0,0): +3 then -3; (0,1): never
+    _fold(layer, steps)
+    momentum = layer.dense_grad_momentum()
+    assert momentum[1, 5].item() == pytest.approx(2 / 5**0.5)  # mean 2, mean square (9 + 1) / 2
+    assert momentum[0, 0].item() == 0.0 and momentum[0, 1].item() == 0.0  # no consistent direction; no gradient
+    assert layer.dense_grad_momentum("raw")[1, 5].item() == 2.0
+    layer.clear_dense_grad()
+    _fold(layer, [steps[0] * 1e-6, steps[1] * 1e-6])  # the same gradients at another scale: the same momentum
+    torch.testing.assert_close(layer.dense_grad_momentum(), momentum)
+    layer.clear_dense_grad()
+    _fold(layer, steps, beta=0.5)  # exact: running averages, (0.5 * 3 * 0.5 + 0.5 * 1) / sqrt(0.25 * 9 + 0.5 * 1)
+    assert layer.dense_grad_momentum()[1, 5].item() == pytest.approx(1.25 / 2.75**0.5)
+
+
+def test_a_just_pruned_block_competes_with_absent_blocks_on_their_scale():
+    """The optimizer's normalised momentum of a live block must not outrank absent blocks' collected gradients: it
+    did, and every pruned block grew back in place (the topology barely moved in block-sparse training)."""
+    # A 2 x 2 block grid, kept by magnitude: (0,0) small and (0,1) large live, (1,0) and (1,1) absent.
+    dense = torch.zeros(2 * BLOCK, 2 * BLOCK)
+    dense[:BLOCK, :BLOCK], dense[:BLOCK, BLOCK:] = 1e-3, 1.0
+    holder = nn.Sequential(nn.Linear(2 * BLOCK, 2 * BLOCK, bias=False))
+    holder[0].weight.data.copy_(dense)
+    model = sparsify(holder, density=0.5, block_size=BLOCK, prune_rate=0.5, init="magnitude")
+    layer = model[0]
+    assert layer.block_mask.tolist() == [[True, True], [False, False]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer.state[layer.values].update(step=torch.tensor(5.0), exp_avg=torch.full_like(layer.values, 1.0),
+                                          exp_avg_sq=torch.full_like(layer.values, 1e-4))  # normalised 100
+    controller = SparsityController(model, optimizer, total_steps=1000)
+    window = [torch.zeros(2 * BLOCK, 2 * BLOCK) for _ in range(2)]
+    window[0][:BLOCK, :BLOCK], window[1][:BLOCK, :BLOCK] = 1.0, -1.0  # the small live block: no direction
+    window[0][BLOCK:, :BLOCK], window[1][BLOCK:, :BLOCK] = 1e-4, 1e-4  # absent block (1,0): small but steady
+    _fold(layer, window)
+    controller.update()  # prunes 1 block (the small one) and grows 1
+    assert layer.block_mask.tolist() == [[False, True], [True, False]]
+
+
 def test_memory_is_in_proportion_to_density():
     model = sparsify(build("gpt2").train(), density=0.25, block_size=BLOCK)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -165,7 +211,8 @@ def test_block_checkpoint_round_trip_after_counts_moved(tmp_path):
     model = sparsify(build("gpt2", seed=1).train(), density=0.25, block_size=BLOCK, update_interval=5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     controller = SparsityController(model, optimizer, total_steps=40)
-    _train(model, "gpt2", optimizer, controller, 15)
+    _train(model, "gpt2", optimizer, controller, 13)  # inside a momentum window: steps 11-13 collected so far
+    assert all(layer.dense_grad_steps == 3 for _, layer in sparse_layers(model))
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "controller": controller.state_dict()},
                tmp_path / "ckpt.pt")
     expected = _train(model, "gpt2", optimizer, controller, 10)

@@ -204,9 +204,9 @@ def load_result(folder: str, settings: dict, added_settings: Optional[dict] = No
     theirs = _flatten(saved["settings"])
     ours = _flatten(json.loads(json.dumps(settings)))  # the same JSON round trip: tuples become lists
     for key, value in (added_settings or {}).items():
-        section = key.rsplit(".", 1)[0]
-        if key not in theirs and any(k.startswith(section + ".") for k in theirs):  # the section exists, the key not
-            theirs[key] = value
+        section = key.rsplit(".", 1)[0] if "." in key else None
+        if key not in theirs and (section is None or any(k.startswith(section + ".") for k in theirs)):
+            theirs[key] = value  # (a key inside a section only where the file has that section: not for dense runs)
     for key in sorted(set(theirs) | set(ours)):
         if theirs.get(key) != ours.get(key):
             raise ValueError(
