@@ -53,10 +53,8 @@ from sparse_nlp.lm.study_tables import write_study  # noqa: E402
 
 GRID_FIELDS = ("density", "method", "block_size")  # SparsityConfig fields the grid sets per run
 # Sparsity options added after results were first written; those files hold the value every run had then.
-ADDED_SETTINGS = {"sparsity.adam_momentum": "normalized", "sparsity.regrown_state": "reset", "block_scores": None}
-# How block-sparse runs score blocks at a topology update (sparse_nlp.block_topology). Block results from before
-# the one-scale scores (the optimizer's momentum for live blocks, raw gradients for absent ones) are not reused.
-BLOCK_SCORES = "collected gradient moments, every block on one scale"
+ADDED_SETTINGS = {"sparsity.adam_momentum": "normalized", "sparsity.regrown_state": "reset",
+                  "sparsity.block_scores": "optimizer"}
 STUDY_SPARSITY_DEFAULTS = {"update_interval": 100}  # 16 topology updates in 1,600 steps (the reference's interval)
 
 # --quick: a tiny grid on a tiny model, a few minutes on 2 cores. Flags given after it still win.
@@ -161,7 +159,6 @@ def run_settings(run: StudyRun, model_args, data_args, sparsity: SparsityConfig,
     """What a finished run's result depends on: a result is reused only when all of it agrees."""
     return {
         "sparse_clip": sparse_clip_rule() if run.is_sparse else None,  # dense runs clip as the Trainer does
-        "block_scores": BLOCK_SCORES if run.block_size > 1 else None,
         "model": {k: getattr(model_args, k) for k in ("config_name", "config_overrides", "vocab_size", "seq_length")},
         "data": {k: getattr(data_args, k) for k in ("dataset_name", "dataset_config_name", "train_file",
                                                      "validation_file", "test_file")},

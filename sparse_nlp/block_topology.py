@@ -4,11 +4,18 @@ A block-sparse layer presents the shared topology update with a :class:`LayerSta
 "weight" is each block's mean |w|, the momentum each block's mean |momentum|, the gradient each block's mean |dense
 gradient|. Every method then works on blocks unchanged (sparse momentum: block importance from momentum, block
 magnitude for pruning, growth where the absent blocks' momentum is largest). The optimizer holds no state for
-absent blocks, so every block's momentum comes from the dense gradients the layer collected before the update
-(``BlockSparseLinear.dense_grad_momentum``: Adam-normalised, mean / sqrt(mean square), unless ``adam_momentum`` is
-raw): live and absent blocks on one scale. Mixing the optimizer's normalised momentum for live blocks with raw
-gradients for absent ones made every just-pruned block outrank every absent one, so pruned blocks grew back in
-place and the topology barely moved.
+absent blocks; their momentum comes from the dense gradients the layer collected before the update.
+
+``block_scores`` chooses how the two meet:
+- ``optimizer`` (default): live blocks take the optimizer's momentum (Adam: exp_avg / sqrt(exp_avg_sq)), absent
+  blocks the collected mean gradient. The two are on different scales (the normalised momentum is orders of
+  magnitude larger), so a just-pruned block outranks every absent block: pruned blocks grow back in place with
+  their values (to ``set_block_mask`` they are survivors), and blocks move only where redistribution gives a layer
+  more than it pruned (into the absent blocks of largest mean gradient) or less.
+- ``collected``: every block, live and absent, from the collected gradients on one scale (mean / sqrt(mean
+  square) per weight, Adam-like; the mean with ``adam_momentum="raw"``), so pruned blocks compete with absent ones
+  as fine-grained weights do. Measured worse in the study at this budget (docs/study.md): far more blocks move,
+  each new one starting from 0.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ def block_layer_state(
     method: TopologyMethod,
     generator: torch.Generator,
     adam: str = "normalized",
+    scores: str = "optimizer",
 ) -> LayerState:
     grid = layer.block_mask.shape
     live = layer.block_mask.view(-1).nonzero().squeeze(1)
@@ -46,11 +54,13 @@ def block_layer_state(
             )
         gradient = pool_blocks(average, layer.block_size)
     if method.needs_momentum:
-        collected = layer.dense_grad_momentum(adam)
-        if collected is not None:  # every block on one scale, live and absent (just-pruned ones compete fairly)
+        collected = layer.dense_grad_momentum(adam) if scores == "collected" else None
+        if collected is not None:  # every block on one scale, live and absent
             momentum = pool_blocks(collected, layer.block_size)
-        else:  # nothing collected (e.g. resumed inside a window): live blocks from the optimizer, absent ones 0
-            momentum = torch.zeros_like(magnitude)
+        else:  # live blocks from the optimizer, absent ones from the collected mean gradient (0 if none)
+            average = layer.dense_grad_average()
+            momentum = (pool_blocks(average, layer.block_size).view(-1) if average is not None
+                        else torch.zeros_like(magnitude))
             live_momentum = optimizer_momentum(optimizer.state.get(layer.values, {}), adam)
             if live_momentum is not None:
                 momentum[live] = _live_block_means(live_momentum)

@@ -11,6 +11,7 @@ BLOCK_SIZES = (1, 16, 32, 64, 128)  # 1 = fine-grained; the others are the block
 BLOCK_MOMENTA = ("exact", "fast")
 ADAM_MOMENTA = ("normalized", "raw")
 REGROWN_STATES = ("reset", "keep")
+BLOCK_SCORES = ("optimizer", "collected")
 DENSE = "dense"  # not a sparsity method: recipes train the dense baseline when they see it
 
 
@@ -91,6 +92,14 @@ class SparsityConfig:
     momentum_window: int = field(
         default=10, metadata={"help": "With block_momentum=fast: steps of dense gradients before each update."}
     )
+    block_scores: str = field(
+        default="optimizer",
+        metadata={
+            "help": "Block momentum (block_size > 1). optimizer: live blocks from the optimizer, absent ones from "
+            "the collected gradients (pruned blocks mostly grow back in place); collected: every block from the "
+            "collected gradients on one scale (pruned blocks compete with absent ones)."
+        },
+    )
 
     def __post_init__(self):
         from sparse_nlp.methods import known_methods  # late import: methods import the config
@@ -124,6 +133,8 @@ class SparsityConfig:
             raise ValueError(f"unknown block_momentum {self.block_momentum!r}; choose exact or fast.")
         if int(self.momentum_window) != self.momentum_window or self.momentum_window < 1:
             raise ValueError(f"momentum_window must be a positive integer, got {self.momentum_window!r}.")
+        if self.block_scores not in BLOCK_SCORES:
+            raise ValueError(f"unknown block_scores {self.block_scores!r}; choose optimizer or collected.")
         if self.regrown_state == "keep" and self.block_size > 1:
             raise ValueError("regrown_state=keep needs fine-grained masks (block_size 1): block-sparse layers keep no "
                              "optimizer state for absent blocks.")

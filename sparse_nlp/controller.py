@@ -190,7 +190,10 @@ class SparsityController:
 
     def _layer_state(self, index: int, name: str, layer) -> LayerState:
         if isinstance(layer, BlockSparseLinear):
-            return block_layer_state(name, layer, self.optimizer, self.method, self.generator, self.config.adam_momentum)
+            return block_layer_state(
+                name, layer, self.optimizer, self.method, self.generator, self.config.adam_momentum,
+                self.config.block_scores,
+            )
         gradient = None
         if self.method.needs_gradient:
             gradient = layer.weight.grad

@@ -97,15 +97,18 @@ def test_block_momentum_is_the_collected_gradients_mean_over_their_root_mean_squ
     assert layer.dense_grad_momentum()[1, 5].item() == pytest.approx(1.25 / 2.75**0.5)
 
 
-def test_a_just_pruned_block_competes_with_absent_blocks_on_their_scale():
-    """The optimizer's normalised momentum of a live block must not outrank absent blocks' collected gradients: it
-    did, and every pruned block grew back in place (the topology barely moved in block-sparse training)."""
+@pytest.mark.parametrize("scores, grown_back", [("optimizer", [[True, True], [False, False]]),
+                                                 ("collected", [[False, True], [True, False]])])
+def test_block_scores_decide_whether_a_pruned_block_grows_back_in_place(scores, grown_back):
+    """optimizer: the pruned block's normalised optimizer momentum (100) outranks the absent blocks' collected mean
+    gradients (1e-4), so it grows back where it was, values kept. collected: all blocks on one scale (mean / rms of the window),
+    and the absent block with a small but steady gradient (1) beats the pruned one whose gradient changed sign (0)."""
     # A 2 x 2 block grid, kept by magnitude: (0,0) small and (0,1) large live, (1,0) and (1,1) absent.
     dense = torch.zeros(2 * BLOCK, 2 * BLOCK)
     dense[:BLOCK, :BLOCK], dense[:BLOCK, BLOCK:] = 1e-3, 1.0
     holder = nn.Sequential(nn.Linear(2 * BLOCK, 2 * BLOCK, bias=False))
     holder[0].weight.data.copy_(dense)
-    model = sparsify(holder, density=0.5, block_size=BLOCK, prune_rate=0.5, init="magnitude")
+    model = sparsify(holder, density=0.5, block_size=BLOCK, prune_rate=0.5, init="magnitude", block_scores=scores)
     layer = model[0]
     assert layer.block_mask.tolist() == [[True, True], [False, False]]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -117,7 +120,9 @@ def test_a_just_pruned_block_competes_with_absent_blocks_on_their_scale():
     window[0][BLOCK:, :BLOCK], window[1][BLOCK:, :BLOCK] = 1e-4, 1e-4  # absent block (1,0): small but steady
     _fold(layer, window)
     controller.update()  # prunes 1 block (the small one) and grows 1
-    assert layer.block_mask.tolist() == [[False, True], [True, False]]
+    assert layer.block_mask.tolist() == grown_back
+    # optimizer: the block that grew back where it was is a survivor to set_block_mask: it keeps its values
+    assert layer.values[0].abs().max().item() == pytest.approx(1e-3 if scores == "optimizer" else 1.0)
 
 
 def test_memory_is_in_proportion_to_density():

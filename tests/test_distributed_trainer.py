@@ -27,11 +27,7 @@ WHOLE_BATCH, ACCUMULATION, STEPS = 4, 2, 6
 def _trainer(output_dir, block_size: int, batch: int) -> SparseTrainer:
     args = tiny_args(output_dir, per_device_train_batch_size=batch, max_steps=STEPS,
                      gradient_accumulation_steps=ACCUMULATION, save_strategy="steps", save_steps=3)
-    # Block layers score by the raw mean dense gradient here: on this tiny model the Adam-normalised scores (mean /
-    # rms over a 2-step window) are exact ties wherever a dead query/key block had a zero gradient in one of the two
-    # steps, and float noise, which differs between one process and two, breaks those ties either way.
-    momentum = {"adam_momentum": "raw"} if block_size > 1 else {}
-    config = SparsityConfig(density=0.25, update_interval=2, block_size=block_size, **momentum)
+    config = SparsityConfig(density=0.25, update_interval=2, block_size=block_size)
     return SparseTrainer(model=tiny_gpt2(n_embd=64), args=args, train_dataset=RandomTokens(), sparsity_config=config)
 
 

@@ -202,10 +202,10 @@ def test_a_setting_added_later_is_read_at_its_old_value_from_older_files(tmp_pat
         load_result(str(tmp_path), ours)
     write_result(str(tmp_path), row, {"sparsity": None, "training": {"max_steps": 10}})  # dense: no sparsity section
     assert load_result(str(tmp_path), {"sparsity": None, "training": {"max_steps": 10}}, added) == row
-    top = {"block_scores": None}  # a top-level setting: None for the runs it does not concern
-    assert load_result(str(tmp_path), {"sparsity": None, "training": {"max_steps": 10}, "block_scores": None}, top) == row
-    with pytest.raises(ValueError, match="block_scores=None but this study has block_scores='new'"):
-        load_result(str(tmp_path), {"sparsity": None, "training": {"max_steps": 10}, "block_scores": "new"}, top)
+    top = {"new_setting": None}  # a top-level setting: None for the runs it does not concern
+    assert load_result(str(tmp_path), {"sparsity": None, "training": {"max_steps": 10}, "new_setting": None}, top) == row
+    with pytest.raises(ValueError, match="new_setting=None but this study has new_setting='on'"):
+        load_result(str(tmp_path), {"sparsity": None, "training": {"max_steps": 10}, "new_setting": "on"}, top)
 
 
 # ---- the recipe end to end: a killed study resumes without redoing finished runs ------------------------------------
