@@ -73,7 +73,8 @@ class StudyArguments:
         default_factory=lambda: [0.2, 0.1, 0.05], metadata={"help": "Densities of the linear layers to study."})
     methods: list[str] = field(
         default_factory=lambda: [DENSE, SMALL_DENSE, "momentum", "rigl", "set", "static", "magnitude"],
-        metadata={"help": "Fine-grained sparsity methods, and the references dense and small_dense."})
+        metadata={"help": "Fine-grained sparsity methods, and the references dense and small_dense; 'none' for "
+                  "block runs only."})
     block_methods: list[str] = field(
         default_factory=lambda: ["momentum"],
         metadata={"help": "Methods also trained block-sparse (--study_block_size); 'none' for no block runs."})
@@ -140,6 +141,7 @@ def parse_args(argv: list[str]):
         raise ValueError("the study trains every model from scratch (small-dense needs a config): use --config_name "
                          "or --config_overrides instead of --model_name_or_path.")
     study.block_methods = [m for m in study.block_methods if m.lower() != "none"]
+    study.methods = [m for m in study.methods if m.lower() != "none"]  # e.g. block runs only
     options = dataclasses.asdict(sparsity_args)
     options["init"] = options["init"] or "random"
     options.pop("seed", None)
