@@ -300,3 +300,10 @@ def test_a_group_speed_comes_from_runs_on_a_quiet_machine():
     busy = aggregate([timed(0, 50.0, 0.4)])
     assert busy[0].tokens_per_second == 50.0 and busy[0].speed_on_busy_machine
     assert "50 (busy)" in format_study(busy)
+
+
+def test_none_leaves_out_the_fine_grained_or_the_block_runs():
+    *_, study, _ = study_lm.parse_args(["--methods", "none", "--block_methods", "momentum", "--output_dir", "x"])
+    assert study.methods == [] and study.block_methods == ["momentum"]
+    grid = plan_grid([0.2, 0.1], study.methods, [0], block_methods=study.block_methods, block_size=64)
+    assert [run.name for run in grid] == ["momentum-b64-d0.2-s0", "momentum-b64-d0.1-s0"]
