@@ -156,26 +156,32 @@ class BlockSparseLinear(nn.Module):
             self.dense_grad_step.add_(dense)
 
     @torch.no_grad()
-    def end_step(self, ema_beta: Optional[float]) -> None:
+    def end_step(self, ema_beta: Optional[float], squares: bool = True) -> None:
         """After an optimizer step that collected a dense gradient (under DDP: already averaged over ranks).
 
         ``ema_beta`` set (exact): fold the step and its square into running averages. None (fast): add them to the
-        window's sums; the window's means are taken at the update.
+        window's sums; the window's means are taken at the update. ``squares``: keep the second moments too (only
+        the one-scale block scores read them).
         """
         step, self.dense_grad_step = self.dense_grad_step, None
         if step is None:
             return
         if ema_beta is None:
             if self.dense_grad_sum is None:
-                self.dense_grad_sum, self.dense_grad_sq_sum = torch.zeros_like(step), torch.zeros_like(step)
-            self.dense_grad_sum.add_(step)
-            self.dense_grad_sq_sum.addcmul_(step, step)
+                self.dense_grad_sum = step
+                self.dense_grad_sq_sum = step * step if squares else None
+            else:
+                self.dense_grad_sum.add_(step)
+                if squares:
+                    self.dense_grad_sq_sum.addcmul_(step, step)
             self.dense_grad_steps += 1
             return
         if self.dense_grad_ema is None:
-            self.dense_grad_ema, self.dense_grad_sq_ema = torch.zeros_like(step), torch.zeros_like(step)
+            self.dense_grad_ema = torch.zeros_like(step)
+            self.dense_grad_sq_ema = torch.zeros_like(step) if squares else None
         self.dense_grad_ema.mul_(ema_beta).add_(step, alpha=1 - ema_beta)
-        self.dense_grad_sq_ema.mul_(ema_beta).addcmul_(step, step, value=1 - ema_beta)
+        if squares:
+            self.dense_grad_sq_ema.mul_(ema_beta).addcmul_(step, step, value=1 - ema_beta)
 
     def dense_grad_average(self) -> Optional[torch.Tensor]:
         """The mean dense gradient (window mean, or running average); None if nothing was collected."""
@@ -197,8 +203,10 @@ class BlockSparseLinear(nn.Module):
             return mean
         if self.dense_grad_sq_ema is not None:
             mean_sq = self.dense_grad_sq_ema
-        else:
+        elif self.dense_grad_sq_sum is not None:
             mean_sq = self.dense_grad_sq_sum / self.dense_grad_steps
+        else:
+            raise ValueError("no second moments were collected: end_step(..., squares=True) keeps them.")
         rms = mean_sq.sqrt()
         return torch.where(rms > 0, mean / rms.clamp_min(torch.finfo(rms.dtype).tiny), torch.zeros_like(mean))
 

@@ -117,8 +117,9 @@ class SparsityController:
         beta = self.config.momentum_beta if self.config.block_momentum == "exact" else None
         if is_distributed():  # each rank's step is of its local batch: average first (the squares need the whole)
             all_reduce_dense_grads(self.block_layers)
+        squares = self.config.block_scores == "collected" and self.config.adam_momentum == "normalized"
         for layer in self.block_layers:
-            layer.end_step(beta)
+            layer.end_step(beta, squares)
 
     def apply_masks(self) -> None:
         for _, layer in self.layers:

@@ -218,6 +218,7 @@ def test_block_checkpoint_round_trip_after_counts_moved(tmp_path):
     controller = SparsityController(model, optimizer, total_steps=40)
     _train(model, "gpt2", optimizer, controller, 13)  # inside a momentum window: steps 11-13 collected so far
     assert all(layer.dense_grad_steps == 3 for _, layer in sparse_layers(model))
+    assert all(layer.dense_grad_sq_sum is None for _, layer in sparse_layers(model))  # default scores: no squares
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "controller": controller.state_dict()},
                tmp_path / "ckpt.pt")
     expected = _train(model, "gpt2", optimizer, controller, 10)

@@ -234,14 +234,22 @@ def _flags(tmp_path, *extra):
     ]
 
 
-def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypatch, capsys):
-    train_lm = study_lm.train_lm
-    trained = []
+def count_trained_runs(monkeypatch) -> list[str]:
+    """The names of the runs the recipe trains from now on (appended as each starts)."""
+    train_lm, trained = study_lm.train_lm, []
     original_train_one = train_lm.train_one
 
     def counting_train_one(run, *args, **kwargs):
         trained.append(run)
         return original_train_one(run, *args, **kwargs)
+
+    monkeypatch.setattr(train_lm, "train_one", counting_train_one)
+    return trained
+
+
+def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypatch, capsys):
+    train_lm = study_lm.train_lm
+    trained = count_trained_runs(monkeypatch)
 
     class KillAtStep3(TrainerCallback):  # after the checkpoint at step 2, as a kill would
         def on_step_end(self, args, state, control, **kwargs):
@@ -253,7 +261,6 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypa
             super().__init__(*args, **kwargs)
             self.add_callback(KillAtStep3())
 
-    monkeypatch.setattr(train_lm, "train_one", counting_train_one)
     monkeypatch.setattr(train_lm, "SparseTrainer", KilledTrainer)
     flags = _flags(tmp_path)
     with pytest.raises(_Killed):

@@ -10,7 +10,7 @@ import pytest
 
 from sparse_nlp.lm.study_levers import LEVERS_BY_NAME, format_levers, get_levers, lever_row
 from sparse_nlp.lm.study_tables import aggregate
-from test_study import ROOT, _flags, _row, study_lm
+from test_study import ROOT, _flags, _row, count_trained_runs, study_lm
 
 
 def _load_levers_recipe():
@@ -42,15 +42,7 @@ def test_lever_rows_are_compared_with_the_study_rows_at_their_density():
 def test_the_lever_recipe_trains_each_lever_once_and_resumes(tmp_path, monkeypatch, capsys):
     flags = _flags(tmp_path)
     study_lm.main(flags)  # the baseline study: dense, small-dense and momentum at 0.5
-    train_lm = study_lm.train_lm
-    trained = []
-    original_train_one = train_lm.train_one
-
-    def counting_train_one(run, *args, **kwargs):
-        trained.append(run)
-        return original_train_one(run, *args, **kwargs)
-
-    monkeypatch.setattr(train_lm, "train_one", counting_train_one)
+    trained = count_trained_runs(monkeypatch)
     passed_on = [f for f in flags if f != str(tmp_path / "study")]
     passed_on.remove("--output_dir")
     levers = ["--levers", "erk", "regrown-keep", "--density", "0.5", "--output_dir", str(tmp_path / "levers"),
