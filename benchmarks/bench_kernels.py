@@ -23,7 +23,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 import torch.nn.functional as F
 
-from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear
+from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, resolve_backend
+from sparse_nlp.kernels.native_build import load_native, native_unavailable_reason
 
 SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (768, 768)]  # (in, out) of GPT-2 small/medium
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -95,7 +96,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="M: rows of x (batch x sequence)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on GPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backend", default=None, help="force a backend (triton/torch/dense); default automatic")
+    ap.add_argument("--backend", default=None, help="force a backend (triton/native/torch/dense); default automatic")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--densities", type=float, nargs="*", default=None)
     ap.add_argument("--blocks", type=int, nargs="*", default=None)
@@ -113,11 +114,16 @@ def main() -> None:
     timer = _timer(device)
     gen = torch.Generator().manual_seed(0)
     print(f"device={device} dtype={dtype} M={args.tokens} threads={torch.get_num_threads()} repeats={repeats}")
+    if device.type == "cpu":
+        lib = load_native()
+        print(f"native CPU kernels: {lib.sparse_nlp_vector_width()}-wide fp32 vectors" if lib is not None
+              else f"native CPU kernels unavailable ({native_unavailable_reason()}): torch path")
     head = f"{'in->out':>11} {'b':>3} {'dens':>5} | " + " | ".join(
         f"{p + ' dense':>10} {'ours':>7} {'x':>5}" for p in ("fwd", "bwd", "f+b")
     )
     if device.type == "cuda":
         head += f" | {'bsr fwd':>8} {'x':>5}"
+    head += "  backend"
     print(head)
     records = []
     for k, n in shapes:
@@ -132,7 +138,8 @@ def main() -> None:
                 dense, ours = _cases(x, w_dense, bias, w_sparse, args.backend)
                 row = f"{k:>5}->{n:<5} {b:>3} {layout.density:>5.2f} | "
                 cols = []
-                record = {"in": k, "out": n, "block": b, "density": layout.density}
+                record = {"in": k, "out": n, "block": b, "density": layout.density,
+                          "backend": resolve_backend(args.backend, device, layout, dtype)}
                 for phase, dense_fn, ours_fn in zip(("fwd", "bwd", "fwd_bwd"), dense, ours):
                     td, to = _interleaved(timer, [dense_fn, ours_fn], repeats)
                     cols.append(f"{td * 1e3:>8.1f}ms {to * 1e3:>6.1f} {td / to:>5.2f}")
@@ -143,7 +150,7 @@ def main() -> None:
                     td, tb = _interleaved(timer, [dense[0], _bsr_fwd(x.detach(), w_sparse)], repeats)
                     row += f" | {tb * 1e3:>6.2f}ms {td / tb:>5.2f}"
                     record["bsr_fwd_ratio"] = td / tb
-                print(row, flush=True)
+                print(f"{row}  {record['backend']}", flush=True)
     if args.output:
         meta = {"device": str(device), "dtype": str(dtype), "tokens": args.tokens, "threads": torch.get_num_threads(),
                 "repeats": repeats, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"), "torch": torch.__version__}

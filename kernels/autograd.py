@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu, ops
+from . import cpu, cpu_native, ops
 from .layout import BlockSparseLayout, BlockSparseMatrix
 
 
@@ -28,7 +28,9 @@ class BlockSparseLinearFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous() if grad_y.stride(-1) != 1 else grad_y  # e.g. expanded grads of .sum()
         w = BlockSparseMatrix(values, ctx.layout)
         grad_x = grad_values = grad_bias = None
-        if ctx.backend == "torch" and grad_y.device.type == "cpu":  # both products on the thread pool at once
+        if ctx.backend == "native":  # both products on the thread pool at once
+            grad_x, grad_values = cpu_native.linear_backward(grad_y, x, w, *ctx.needs_input_grad[:2])
+        elif ctx.backend == "torch" and grad_y.device.type == "cpu":
             grad_x, grad_values = cpu.blocked_linear_backward(grad_y, x, w, *ctx.needs_input_grad[:2])
         else:
             grad_x, grad_values = _backward_products(ctx, grad_y, x, w)
@@ -75,8 +77,9 @@ def block_sparse_linear(
 ) -> torch.Tensor:
     """x [..., K] -> [..., N] = x @ W^T + bias, W a BlockSparseMatrix of shape [N, K] (nn.Linear layout).
 
-    backend: None picks automatically (CUDA -> "triton", CPU -> "torch", or "dense" above
-    ops.DENSE_THRESHOLD[block_size] density); "triton" / "torch" / "dense" force one (see ops.py).
+    backend: None picks automatically (CUDA -> "triton", CPU -> "native" (fp32, where it builds) or "torch", or
+    "dense" above ops.DENSE_THRESHOLD[block_size] density); "triton" / "native" / "torch" / "dense" force one
+    (see ops.py).
     """
     if not isinstance(weight, BlockSparseMatrix):
         raise ValueError(f"weight must be a BlockSparseMatrix, got {type(weight).__name__}")

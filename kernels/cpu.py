@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, List, Optional
 
 import torch
@@ -57,8 +57,9 @@ def _single_threaded_blas():
         torch.set_num_threads(old)
 
 
-def _run(tasks: list[Callable[[], None]], device: torch.device) -> None:
-    """Run tasks on the pool (one BLAS thread each) on CPU; serially elsewhere or when there is one thread."""
+def run_tasks(tasks: list[Callable[[], None]], device: torch.device, blas: bool = True) -> None:
+    """Run tasks on the pool on CPU; serially elsewhere or when there is one thread. blas: the tasks call BLAS,
+    so torch runs it on one thread per task for the duration (the native kernels call none: nothing to switch)."""
     threads = torch.get_num_threads()
     nested = threading.current_thread().name.startswith("sparse_nlp_cpu")  # never wait on our own pool
     if device.type != "cpu" or threads == 1 or len(tasks) <= 1 or nested:
@@ -66,7 +67,7 @@ def _run(tasks: list[Callable[[], None]], device: torch.device) -> None:
             task()
         return
     pool = _get_pool(threads)
-    with _single_threaded_blas():
+    with _single_threaded_blas() if blas else nullcontext():
         for future in [pool.submit(_without_grad, task) for task in tasks]:
             future.result()
 
@@ -167,7 +168,7 @@ def blocked_dds(
 ) -> torch.Tensor:
     """a [M, K_in] @ (b^T if transpose_b else b) (+ bias) with one gathered GEMM per output block."""
     out, tasks = _dds_tasks(a, b, transpose_b, bias, out)
-    _run(tasks, a.device)
+    run_tasks(tasks, a.device)
     return out
 
 
@@ -201,7 +202,7 @@ def blocked_sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> 
     ~25% more here). a[i-block] is usually dY^T, a thin strided view: copied once per row to a contiguous [M, blk].
     """
     values, tasks = _sdd_tasks(a, b, layout)
-    _run(tasks, a.device)
+    run_tasks(tasks, a.device)
     return BlockSparseMatrix(values, layout)
 
 
@@ -230,7 +231,7 @@ def blocked_linear_backward(
     if need_x:
         grad_x, more = _dds_tasks(grad_y, w, False, None, None)
         tasks += more
-    _run(tasks, grad_y.device)
+    run_tasks(tasks, grad_y.device)
     return grad_x, grad_values
 
 

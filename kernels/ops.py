@@ -7,10 +7,11 @@
 Each checks its inputs (one-line ValueErrors) and dispatches to a backend:
 
     "triton"  Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, as the tests do)
+    "native"  compiled C kernels (cpu_native.py, cpu_kernels.c): CPU, fp32; built at first use
     "torch"   the blocked pure-torch path (cpu.py): gathered GEMMs over block-rows, any device
     "dense"   masked dense: build W densely, one GEMM (faster than "torch" at high density)
-    None      automatic: CUDA -> "triton" ("dense" for fp64 or a fully dense layout); CPU -> "torch" at
-              density <= DENSE_THRESHOLD[block], else "dense"
+    None      automatic: CUDA -> "triton" ("dense" for fp64 or a fully dense layout); CPU -> "dense" above
+              DENSE_THRESHOLD[block], else "native" for fp32 where it builds, else "torch"
 
 These ops are not differentiable; `block_sparse_linear` (autograd.py) is.
 """
@@ -20,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu
+from . import cpu, cpu_native
 from .layout import BlockSparseLayout, BlockSparseMatrix
 
 # CPU, per block size: above this density the masked-dense GEMM beats the blocked path, so "auto" switches to
@@ -28,7 +29,7 @@ from .layout import BlockSparseLayout, BlockSparseMatrix
 # ~0.2 (1.0x at 0.2), 32-blocks ~0.4 (1.05x at 0.4), 64-blocks ~0.6 (1.06x at 0.6, 0.88x at 0.75), 128-blocks
 # 1.7x at 0.4 (same as 64 at 0.35, so 0.6 too).
 DENSE_THRESHOLD = {16: 0.2, 32: 0.4, 64: 0.6, 128: 0.6}
-BACKENDS = ("triton", "torch", "dense")
+BACKENDS = ("triton", "native", "torch", "dense")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -45,9 +46,23 @@ def resolve_backend(
             if (dtype is not None and dtype not in TRITON_DTYPES) or layout.density >= 1.0:
                 return "dense"
             return "triton"
-        return "dense" if layout.density > DENSE_THRESHOLD[layout.block_size] else "torch"
+        if layout.density > DENSE_THRESHOLD[layout.block_size]:
+            return "dense"
+        native = device.type == "cpu" and dtype in (None, *cpu_native.NATIVE_DTYPES)
+        if native and not cpu_native.available():
+            cpu_native.warn_unavailable()
+            native = False
+        return "native" if native else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for automatic")
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"backend='native' runs on CPU tensors, got {device.type}; use None or 'triton'")
+        if dtype is not None and dtype not in cpu_native.NATIVE_DTYPES:
+            raise ValueError(f"backend='native' supports {cpu_native.NATIVE_DTYPES}, got {dtype}; use backend='torch'")
+        if not cpu_native.available():
+            raise ValueError(f"backend='native' is unavailable here: {cpu_native.unavailable_reason()}; "
+                             "use backend='torch'")
     if backend == "triton" and device.type != "cuda":
         from .launchers import interpreting
 
@@ -115,6 +130,8 @@ def dds(
         return launchers.dds(a, b, transpose_b, bias)
     if backend == "dense":
         return cpu.dense_dds(a, b, transpose_b, bias)
+    if backend == "native":
+        return cpu_native.dds(a, b, transpose_b, bias)
     return cpu.blocked_dds(a, b, transpose_b, bias)
 
 
@@ -156,4 +173,6 @@ def sdd(
         return BlockSparseMatrix(launchers.sdd(a, b, layout), layout)
     if backend == "dense":
         return cpu.dense_sdd(a, b, layout)
+    if backend == "native":
+        return cpu_native.sdd(a, b, layout)
     return cpu.blocked_sdd(a, b, layout)

@@ -1,5 +1,6 @@
-"""The CPU paths ("torch": blocked gathered GEMMs, "dense": masked dense) against the reference, gradcheck in
-float64, and the automatic dispatch that must never hand CPU tensors to Triton."""
+"""The CPU paths ("native": compiled kernels, "torch": blocked gathered GEMMs, "dense": masked dense) against the
+reference, gradcheck in float64, and the automatic dispatch that must never hand CPU tensors to Triton.
+The native build itself (cache, fallback, strides) is tested in test_kernels_native.py."""
 import pytest
 import torch
 from kernel_cases import LAYOUTS, SIZE_IDS, SIZES, TOL, make_case, make_layout
@@ -7,15 +8,28 @@ from kernel_cases import LAYOUTS, SIZE_IDS, SIZES, TOL, make_case, make_layout
 from sparse_nlp.kernels import (
     DENSE_THRESHOLD, BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, dds, dsd, resolve_backend, sdd,
 )
+from sparse_nlp.kernels import cpu_native
 from sparse_nlp.kernels.reference import reference_dds, reference_linear, reference_sdd
 
+CPU_BACKENDS = ["native", "torch", "dense"]
 
-@pytest.mark.parametrize("backend", ["torch", "dense"])
+
+def skip_without_native(backend):
+    if backend == "native" and not cpu_native.available():
+        pytest.skip(f"native kernels unavailable: {cpu_native.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_products_match_reference(backend, size, kind, dtype):
+    skip_without_native(backend)
     x, dy, bias, w = make_case(*size, kind=kind, dtype=dtype)
+    if backend == "native" and dtype != torch.float32:
+        with pytest.raises(ValueError, match="backend='native' supports"):
+            dds(x, w, True, bias, backend=backend)
+        return
     tol = TOL[dtype]
     torch.testing.assert_close(dds(x, w, True, bias, backend=backend), reference_dds(x, w, True, bias), **tol)
     torch.testing.assert_close(dds(dy, w, False, backend=backend), reference_dds(dy, w, False), **tol)
@@ -31,20 +45,25 @@ def two_threads():
     torch.set_num_threads(old)
 
 
-def test_cpu_blocked_path_with_many_row_chunks_on_the_thread_pool(two_threads):
-    # M > 1024 rows and several block-rows: tasks run on the pool with one BLAS thread each
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_cpu_blocked_path_with_many_row_chunks_on_the_thread_pool(backend, two_threads):
+    # M > 1024 rows and several block-rows: tasks run on the pool (torch: one BLAS thread each; native: dW's rows
+    # split between the threads and summed)
+    skip_without_native(backend)
     x, dy, bias, w = make_case(2600, 96, 64, 16, kind="empty_row")
-    torch.testing.assert_close(dds(x, w, True, bias, backend="torch"), reference_dds(x, w, True, bias))
-    torch.testing.assert_close(dds(dy, w, False, backend="torch"), reference_dds(dy, w, False))
-    got = sdd(dy.t(), x, w.layout, backend="torch").values
+    torch.testing.assert_close(dds(x, w, True, bias, backend=backend), reference_dds(x, w, True, bias))
+    torch.testing.assert_close(dds(dy, w, False, backend=backend), reference_dds(dy, w, False))
+    got = sdd(dy.t(), x, w.layout, backend=backend).values
     torch.testing.assert_close(got, reference_sdd(dy.t(), x, w.layout).values, rtol=1e-4, atol=1e-3)
 
 
-def test_dsd_is_the_transposed_dds():
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_dsd_is_the_transposed_dds(backend):
+    skip_without_native(backend)
     x, _, _, w = make_case(40, 64, 96, 32)
-    torch.testing.assert_close(dsd(w, x.t(), backend="torch"), reference_dds(x, w, True).t())
+    torch.testing.assert_close(dsd(w, x.t(), backend=backend), reference_dds(x, w, True).t())
     b = torch.randn(64, 7)
-    torch.testing.assert_close(dsd(w, b, transpose_a=True, backend="torch"), w.to_dense().t() @ b)
+    torch.testing.assert_close(dsd(w, b, transpose_a=True, backend=backend), w.to_dense().t() @ b)
 
 
 @pytest.fixture
@@ -89,8 +108,11 @@ def test_no_grad_needed_for_x_or_bias():
 def test_auto_dispatch_never_sends_cpu_tensors_to_triton(monkeypatch):
     sparse, dense = BlockSparseLayout.random((64, 640), 32, 0.1), make_layout("dense", 64, 640, 32)
     assert sparse.density <= DENSE_THRESHOLD[32] < dense.density
-    assert resolve_backend(None, torch.device("cpu"), sparse) == "torch"
-    assert resolve_backend(None, torch.device("cpu"), dense) == "dense"
+    cpu = torch.device("cpu")
+    assert resolve_backend(None, cpu, sparse, torch.float32) == ("native" if cpu_native.available() else "torch")
+    assert resolve_backend(None, cpu, sparse, torch.bfloat16) == "torch"  # the native kernels are fp32
+    assert resolve_backend(None, cpu, sparse, torch.float64) == "torch"
+    assert resolve_backend(None, cpu, dense) == "dense"
     assert resolve_backend(None, torch.device("cuda"), sparse) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' got cpu tensors"):

@@ -1,0 +1,144 @@
+"""The compiled CPU path (backend "native"): cpu_kernels.c's fp32 kernels, called through ctypes on cpu.py's pool.
+
+ctypes releases the GIL for the length of each call, so the pool's threads compute side by side; no BLAS is
+involved, so torch's thread count is left alone. Tasks:
+- Y and dX: chunks of M_CHUNK rows, each one call over every output block;
+- dW: M split between the threads on SDD_ROWS boundaries, each thread summing its rows into its own [nnz, b, b]
+  buffer (the first writes into the result), the partial sums added at the end.
+Operands need unit column stride (rows may be padded); other strides are copied first.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from . import cpu
+from .layout import BlockSparseLayout, BlockSparseMatrix
+from .native_build import load_native, native_unavailable_reason
+
+NATIVE_DTYPES = (torch.float32,)
+SDD_ROWS = 256  # cpu_kernels.c's SDD_ROWS: the dW split between threads falls on its chunks
+
+
+def available() -> bool:
+    """Whether the compiled kernels are built and loaded (built on first call)."""
+    return load_native() is not None
+
+
+def unavailable_reason() -> str:
+    return native_unavailable_reason()
+
+
+def warn_unavailable() -> None:
+    """Say once per call site that the fast path is missing, unless the user turned it off."""
+    reason = native_unavailable_reason()
+    if reason and not reason.startswith("disabled by"):
+        warnings.warn(
+            f"sparse_nlp: native CPU kernels unavailable ({reason}); block-sparse layers on CPU use the slower "
+            "torch path. Install a C compiler (e.g. gcc), or set SPARSE_NLP_NATIVE=0 to silence this.",
+            UserWarning, stacklevel=4,
+        )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its rows are contiguous (unit column stride), else a contiguous copy."""
+    if t.stride(1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]):
+        return t
+    return t.contiguous()
+
+
+def _ptr(t: torch.Tensor, offset_elements: int = 0) -> int:
+    return t.data_ptr() + offset_elements * t.element_size()
+
+
+def _checked(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the native block-sparse kernel could not allocate its scratch buffer (out of memory)")
+
+
+def dds(a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a [M, *] @ (b^T if transpose_b else b) (+ bias), fp32, on live blocks only."""
+    out, tasks = _dds_tasks(a, b, transpose_b, bias)
+    cpu.run_tasks(tasks, a.device, blas=False)
+    return out
+
+
+def _dds_tasks(a, b, transpose_b, bias) -> tuple[torch.Tensor, list[Callable[[], None]]]:
+    lib = load_native()
+    layout, blk = b.layout, b.layout.block_size
+    v = b.values.detach()
+    if transpose_b:  # output block i = block-row i of W: its blocks transposed, row-major order
+        stack, offsets, inputs = v.transpose(1, 2).contiguous(), layout.row_offsets, layout.col_indices
+        n_out = layout.block_shape[0]
+    else:  # output block j = block-column j of W: its blocks as they are, column-major order
+        stack = v.index_select(0, layout.host_plan.transpose_perm).contiguous()
+        offsets, inputs, n_out = layout.col_offsets, layout.transpose_row_indices, layout.block_shape[1]
+    a = _rows(a)
+    bias = None if bias is None else bias.detach().contiguous()
+    m, lda = a.shape[0], a.stride(0)
+    out = torch.empty(m, n_out * blk, dtype=a.dtype, device=a.device)
+    ldc = out.stride(0)
+
+    def chunk(m0: int) -> None:
+        rows = min(cpu.M_CHUNK, m - m0)
+        _checked(lib.sparse_nlp_dds_f32(
+            _ptr(a, m0 * lda), lda, rows, _ptr(stack), _ptr(offsets), _ptr(inputs), n_out, blk,
+            None if bias is None else _ptr(bias), _ptr(out, m0 * ldc), ldc,
+        ))
+
+    return out, [lambda m0=m0: chunk(m0) for m0 in range(0, m, cpu.M_CHUNK)]
+
+
+def sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> BlockSparseMatrix:
+    """Live blocks of a [N, M] @ b [M, K], fp32. a is usually dY^T, a transposed view: read as dY's rows."""
+    values, tasks, finish = _sdd_tasks(a, b, layout)
+    cpu.run_tasks(tasks, a.device, blas=False)
+    finish()
+    return BlockSparseMatrix(values, layout)
+
+
+def _sdd_tasks(a, b, layout) -> tuple[torch.Tensor, list[Callable[[], None]], Callable[[], None]]:
+    lib = load_native()
+    blk = layout.block_size
+    g, x = _rows(a.t()), _rows(b)  # g = dY [M, N]
+    m = x.shape[0]
+    values = torch.empty(layout.num_blocks, blk, blk, dtype=a.dtype, device=a.device)
+    chunks = max(1, math.ceil(m / SDD_ROWS))
+    parts = max(1, min(torch.get_num_threads(), chunks))
+    bounds = [min(m, round(p * chunks / parts) * SDD_ROWS) for p in range(parts + 1)]
+    partials = [values] + [torch.empty_like(values) for _ in range(parts - 1)]
+    offsets, cols = layout.row_offsets, layout.col_indices
+
+    def part(p: int) -> None:
+        m0, m1 = bounds[p], bounds[p + 1]
+        _checked(lib.sparse_nlp_sdd_f32(
+            _ptr(g, m0 * g.stride(0)), g.stride(0), _ptr(x, m0 * x.stride(0)), x.stride(0), m1 - m0,
+            _ptr(offsets), _ptr(cols), layout.block_shape[0], blk, _ptr(partials[p]), 0,
+        ))
+
+    def finish() -> None:
+        for partial in partials[1:]:
+            values.add_(partial)
+
+    return values, [lambda p=p: part(p) for p in range(parts)], finish
+
+
+def linear_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix, need_x: bool, need_w: bool
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dX = dY @ W and dW = dY^T @ X on live blocks, as one batch of tasks (dW's longer tasks first)."""
+    grad_x = grad_values = None
+    tasks: list[Callable[[], None]] = []
+    finish: Callable[[], None] = lambda: None
+    if need_w:
+        grad_values, more, finish = _sdd_tasks(grad_y.t(), x, w.layout)
+        tasks += more
+    if need_x:
+        grad_x, more = _dds_tasks(grad_y, w, False, None)
+        tasks += more
+    cpu.run_tasks(tasks, grad_y.device, blas=False)
+    finish()
+    return grad_x, grad_values
