@@ -26,6 +26,13 @@ import torch.nn.functional as F
 from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, resolve_backend
 from sparse_nlp.kernels.native_build import load_native, native_unavailable_reason
 
+# The targets this benchmark checks (forward+backward vs dense, block 64): (device, dtype, shapes, density, ratio).
+TARGETS = [
+    ("cpu", torch.float32, [(768, 3072), (3072, 768)], 0.2, 3.0),
+    ("cpu", torch.float32, [(768, 3072), (3072, 768)], 0.1, 5.0),
+    ("cpu", torch.float32, [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (768, 768)], 0.5, 1.0),
+    ("cuda", torch.bfloat16, [(1024, 4096), (4096, 1024)], 0.2, 4.0),
+]
 SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (768, 768)]  # (in, out) of GPT-2 small/medium
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -90,6 +97,23 @@ def _bsr_fwd(x, w_sparse):
     return lambda: bsr_dense_mm(w_bsr, xt)
 
 
+def target_lines(records: list[dict], device: torch.device, dtype: torch.dtype) -> list[str]:
+    """One line per target this run measured: the worst forward+backward ratio over its shapes, met or missed."""
+    lines = []
+    for target_device, target_dtype, shapes, density, ratio in TARGETS:
+        if (device.type, dtype) != (target_device, target_dtype):
+            continue
+        rows = [r for r in records if (r["in"], r["out"]) in shapes and r["block"] == 64
+                and abs(r["density"] - density) < 0.01]
+        if len(rows) < len(shapes):
+            continue  # not all of its shapes measured in this run
+        worst = min(r["fwd_bwd_ratio"] for r in rows)
+        verdict = "met" if worst >= ratio else "MISSED"
+        lines.append(f"target: density {density}, block 64, fwd+bwd >= {ratio:g}x dense on "
+                     f"{', '.join(f'{k}->{n}' for k, n in shapes)}: worst {worst:.2f}x, {verdict}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="block 64 only, densities 0.2/0.1 (the targets), 3 repeats")
@@ -151,6 +175,8 @@ def main() -> None:
                     row += f" | {tb * 1e3:>6.2f}ms {td / tb:>5.2f}"
                     record["bsr_fwd_ratio"] = td / tb
                 print(f"{row}  {record['backend']}", flush=True)
+    for line in target_lines(records, device, dtype):
+        print(line)
     if args.output:
         meta = {"device": str(device), "dtype": str(dtype), "tokens": args.tokens, "threads": torch.get_num_threads(),
                 "repeats": repeats, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"), "torch": torch.__version__}

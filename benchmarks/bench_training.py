@@ -137,6 +137,23 @@ def parse_args(argv=None):
     return args
 
 
+# What full-cycle training must reach on CPU in fp32 (block 64, fast mode): tokens/s vs dense, and memory.
+SPEED_TARGETS = {0.2: 1.5, 0.1: 2.0}
+MEMORY_TARGET = 0.3
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        target = SPEED_TARGETS.get(row["density"])
+        if row["precision"] != "fp32" or target is None:
+            continue
+        met = row["vs_dense"] >= target and row["memory_vs_dense"] <= MEMORY_TARGET
+        lines.append(f"target: {row['variant']} fp32 >= {target:g}x dense tokens/s and memory <= {MEMORY_TARGET:g}: "
+                     f"{row['vs_dense']:.2f}x, memory {row['memory_vs_dense']:.2f}, {'met' if met else 'MISSED'}")
+    return lines
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
@@ -191,6 +208,8 @@ def main(argv=None) -> dict:
         cells = [row for row in rows if row["variant"] == name]
         print(f"| {name} | " + " | ".join(f"{r['tokens_per_second']:,.0f} | {r['vs_dense']:.2f}x" for r in cells)
               + f" | {cells[0]['memory_vs_dense']:.2f} |")
+    for line in target_lines(rows):
+        print(line)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

@@ -78,7 +78,7 @@ def block_sparse_linear(
     """x [..., K] -> [..., N] = x @ W^T + bias, W a BlockSparseMatrix of shape [N, K] (nn.Linear layout).
 
     backend: None picks automatically (CUDA -> "triton", CPU -> "native" (fp32, where it builds) or "torch", or
-    "dense" above ops.DENSE_THRESHOLD[block_size] density); "triton" / "native" / "torch" / "dense" force one
+    "dense" above the density thresholds in ops.py); "triton" / "native" / "torch" / "dense" force one
     (see ops.py).
     """
     if not isinstance(weight, BlockSparseMatrix):

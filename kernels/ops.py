@@ -10,8 +10,8 @@ Each checks its inputs (one-line ValueErrors) and dispatches to a backend:
     "native"  compiled C kernels (cpu_native.py, cpu_kernels.c): CPU, fp32; built at first use
     "torch"   the blocked pure-torch path (cpu.py): gathered GEMMs over block-rows, any device
     "dense"   masked dense: build W densely, one GEMM (faster than "torch" at high density)
-    None      automatic: CUDA -> "triton" ("dense" for fp64 or a fully dense layout); CPU -> "dense" above
-              DENSE_THRESHOLD[block], else "native" for fp32 where it builds, else "torch"
+    None      automatic: CUDA -> "triton" ("dense" for fp64 or a fully dense layout); CPU -> "native" for fp32
+              where it builds, else "torch"; "dense" above NATIVE_DENSE_THRESHOLD / DENSE_THRESHOLD[block]
 
 These ops are not differentiable; `block_sparse_linear` (autograd.py) is.
 """
@@ -25,10 +25,13 @@ from . import cpu, cpu_native
 from .layout import BlockSparseLayout, BlockSparseMatrix
 
 # CPU, per block size: above this density the masked-dense GEMM beats the blocked path, so "auto" switches to
-# "dense". Measured fwd+bwd break-even on the 2-core dev box, 768->3072, M=8192 (docs/kernels.md): 16-blocks
-# ~0.2 (1.0x at 0.2), 32-blocks ~0.4 (1.05x at 0.4), 64-blocks ~0.6 (1.06x at 0.6, 0.88x at 0.75), 128-blocks
-# 1.7x at 0.4 (same as 64 at 0.35, so 0.6 too).
+# "dense". Measured fwd+bwd break-even on the 2-core dev box, 768->3072, M=8192 (docs/kernels.md).
+# The torch path: 16-blocks ~0.2 (1.0x at 0.2), 32-blocks ~0.4 (1.05x at 0.4), 64-blocks ~0.6 (1.06x at 0.6, 0.88x
+# at 0.75), 128-blocks 1.7x at 0.4 (same as 64 at 0.35, so 0.6 too).
 DENSE_THRESHOLD = {16: 0.2, 32: 0.4, 64: 0.6, 128: 0.6}
+# The native kernels (median of 3, interleaved): 16-blocks 1.58x at 0.6, 1.31x at 0.8; 32-blocks 1.42x at 0.6, 1.05x
+# at 0.8; 64-blocks 1.46-1.76x fwd / bwd at 0.6, 1.29x fwd+bwd at 0.8; 128-blocks 1.25x at 0.6, 1.06x at 0.8.
+NATIVE_DENSE_THRESHOLD = {16: 0.75, 32: 0.6, 64: 0.75, 128: 0.6}
 BACKENDS = ("triton", "native", "torch", "dense")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -46,12 +49,13 @@ def resolve_backend(
             if (dtype is not None and dtype not in TRITON_DTYPES) or layout.density >= 1.0:
                 return "dense"
             return "triton"
-        if layout.density > DENSE_THRESHOLD[layout.block_size]:
-            return "dense"
         native = device.type == "cpu" and dtype in (None, *cpu_native.NATIVE_DTYPES)
         if native and not cpu_native.available():
             cpu_native.warn_unavailable()
             native = False
+        threshold = (NATIVE_DENSE_THRESHOLD if native else DENSE_THRESHOLD)[layout.block_size]
+        if layout.density > threshold:
+            return "dense"
         return "native" if native else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for automatic")

@@ -6,7 +6,7 @@ import torch
 from kernel_cases import LAYOUTS, SIZE_IDS, SIZES, TOL, make_case, make_layout
 
 from sparse_nlp.kernels import (
-    DENSE_THRESHOLD, BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, dds, dsd, resolve_backend, sdd,
+    DENSE_THRESHOLD, NATIVE_DENSE_THRESHOLD, BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, dds, dsd, resolve_backend, sdd,
 )
 from sparse_nlp.kernels import cpu_native
 from sparse_nlp.kernels.reference import reference_dds, reference_linear, reference_sdd
@@ -107,7 +107,8 @@ def test_no_grad_needed_for_x_or_bias():
 
 def test_auto_dispatch_never_sends_cpu_tensors_to_triton(monkeypatch):
     sparse, dense = BlockSparseLayout.random((64, 640), 32, 0.1), make_layout("dense", 64, 640, 32)
-    assert sparse.density <= DENSE_THRESHOLD[32] < dense.density
+    assert sparse.density <= min(DENSE_THRESHOLD[32], NATIVE_DENSE_THRESHOLD[32])
+    assert dense.density > max(DENSE_THRESHOLD[32], NATIVE_DENSE_THRESHOLD[32])
     cpu = torch.device("cpu")
     assert resolve_backend(None, cpu, sparse, torch.float32) == ("native" if cpu_native.available() else "torch")
     assert resolve_backend(None, cpu, sparse, torch.bfloat16) == "torch"  # the native kernels are fp32
