@@ -3,7 +3,7 @@
 The library is compiled once per source version, compiler flags and CPU (it is built with -march=native) into
 $SPARSE_NLP_CACHE (default ~/.cache/sparse_nlp), in well under a second, and loaded with ctypes. Where it cannot
 be built (no compiler, a failed compile, SPARSE_NLP_NATIVE=0) `load_native()` returns None with the reason in
-`native_unavailable_reason()`, and the CPU path stays on torch ops.
+`native_unavailable_reason()`, and the CPU path stays on torch ops. $SPARSE_NLP_NATIVE_FLAGS adds compiler flags.
 """
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC"]
 NATIVE_FLAGS = ["-march=native"]  # dropped when the compiler does not take it
 DISABLE_ENV = "SPARSE_NLP_NATIVE"
 CACHE_ENV = "SPARSE_NLP_CACHE"
+EXTRA_FLAGS_ENV = "SPARSE_NLP_NATIVE_FLAGS"  # appended last, e.g. "-mno-avx512f" (the tests build the 8-wide code so)
+
+
+def _extra_flags() -> list[str]:
+    return shlex.split(os.environ.get(EXTRA_FLAGS_ENV, ""))
 
 
 class NativeUnavailable(RuntimeError):
@@ -66,7 +71,7 @@ def _build(compiler: list[str], target: Path) -> None:
     for extra in (NATIVE_FLAGS, []):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [*compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp]
+        cmd = [*compiler, *FLAGS, *extra, *_extra_flags(), str(SOURCE), "-o", tmp]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
@@ -93,7 +98,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def library_path(compiler: list[str]) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(compiler + FLAGS + NATIVE_FLAGS).encode(), _cpu_identity().encode(),
+    flags = compiler + FLAGS + NATIVE_FLAGS + _extra_flags()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_identity().encode(),
                  sys.platform.encode()):
         key.update(part)
     return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"

@@ -1,6 +1,8 @@
 """The compiled CPU kernels: built into a cache at first use, held against the reference on the shapes that
 exercise their tiling (rows not a multiple of the 6-row tile, dW split between threads), strided operands, and
 the fallback to the torch path where they cannot be built."""
+import platform
+
 import pytest
 import torch
 from kernel_cases import make_case
@@ -78,6 +80,22 @@ def test_products_over_tile_edges(block, m):
     torch.testing.assert_close(dds(dy, w, False, backend="native"), reference_dds(dy, w, False), **TOL)
     got = sdd(dy.t(), x, w.layout, backend="native").values
     torch.testing.assert_close(got, reference_sdd(dy.t(), x, w.layout).values, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_eight_wide_build_without_avx512(fresh_build, monkeypatch):
+    """The code a CPU without AVX-512 gets (8-wide vectors, 6 x 16 tiles), built here by switching AVX-512 off."""
+    monkeypatch.setenv(native_build.EXTRA_FLAGS_ENV, "-mno-avx512f")
+    lib = native_build.load_native()
+    if lib is None:
+        pytest.skip(native_build.native_unavailable_reason())
+    assert lib.sparse_nlp_vector_width() == 8
+    for block in (16, 32, 64, 128):
+        x, dy, bias, w = make_case(97, 2 * block, 3 * block, block)
+        torch.testing.assert_close(dds(x, w, True, bias, backend="native"), reference_dds(x, w, True, bias), **TOL)
+        torch.testing.assert_close(dds(dy, w, False, backend="native"), reference_dds(dy, w, False), **TOL)
+        got = sdd(dy.t(), x, w.layout, backend="native").values
+        torch.testing.assert_close(got, reference_sdd(dy.t(), x, w.layout).values, rtol=1e-4, atol=1e-3)
 
 
 @needs_native
