@@ -3,7 +3,7 @@
 The weight [out, in] is tiled into ``block_size`` x ``block_size`` blocks; ``values`` holds the live ones
 ([num_live, b, b], row-major over the block grid) and ``block_mask`` ([out/b, in/b], a buffer updated in place)
 says which they are. Weights, gradients and optimizer state therefore cost memory in proportion to density, and
-the forward and both backward products run through ``sparse_nlp.kernels`` (Triton on GPU, a fast torch path on CPU).
+the forward and both backward products run through ``sparse_nlp.kernels`` (Triton on GPU, compiled C kernels or a torch path on CPU).
 
 The ``values`` parameter object never changes, so the optimizer keeps holding it; a topology update swaps in
 contents of the new size (surviving blocks copied, new blocks 0) and remaps the optimizer's state the same way.
