@@ -16,6 +16,10 @@ def test_speedup_is_measured_on_the_models_block_divisible_layers():
     assert speed is not None and speed.speedup > 0
     assert (speed.density, speed.block_size, speed.tokens) == (0.5, 16, 64)
     assert "block 16, density 0.5" in speed.describe() and "--block_size 16" in speed.describe()
+    from sparse_nlp.kernels import cpu_native
+
+    assert speed.backend == ("native" if cpu_native.available() else "torch")  # the path that was timed
+    assert f"{speed.backend} path" in speed.describe()
 
 
 def test_no_line_when_no_layer_divides_by_the_block():

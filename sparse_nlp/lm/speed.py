@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear
+from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, resolve_backend
 from sparse_nlp.targeting import find_target_layers
 
 
@@ -27,10 +27,12 @@ class KernelSpeed:
     block_size: int
     tokens: int  # rows of each layer input (batch x sequence)
     dtype: torch.dtype
+    backend: str = ""  # the kernels' path, e.g. "native" (compiled CPU kernels) or "triton"
 
     def describe(self) -> str:
+        path = f"{self.backend} path, " if self.backend else ""
         return (f"Block-sparse kernels on this model's linear layers (block {self.block_size}, density {self.density:g}, "
-                f"{self.tokens:,} tokens, {str(self.dtype).removeprefix('torch.')}, forward + backward, measured now): "
+                f"{self.tokens:,} tokens, {str(self.dtype).removeprefix('torch.')}, {path}forward + backward, measured now): "
                 f"{self.speedup:.2f}x dense. Train with them: --block_size {self.block_size}.")
 
 
@@ -64,6 +66,7 @@ def measure_kernel_speedup(
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     dense_total = sparse_total = 0.0
+    backends = set()
     for (k, n), count in shapes.items():
         x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
         weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype).requires_grad_()
@@ -72,6 +75,7 @@ def measure_kernel_speedup(
         layout = BlockSparseLayout.random((n, k), block_size, density, generator=generator, device=device)
         values = BlockSparseMatrix.from_dense(weight.detach(), layout).values.requires_grad_()
         sparse = BlockSparseMatrix(values, layout)
+        backends.add(resolve_backend(None, device, layout, dtype))
 
         def dense_step():
             torch.autograd.grad(F.linear(x, weight, bias), (x, weight, bias), grad)
@@ -82,4 +86,4 @@ def measure_kernel_speedup(
         dense_s, sparse_s = _median_seconds([dense_step, sparse_step], repeats)
         dense_total += count * dense_s
         sparse_total += count * sparse_s
-    return KernelSpeed(dense_total / sparse_total, density, block_size, tokens, dtype)
+    return KernelSpeed(dense_total / sparse_total, density, block_size, tokens, dtype, "/".join(sorted(backends)))
