@@ -15,7 +15,7 @@ Blocked path, measured on the dev box (2 cores, MKL):
 - Where time still goes (1 thread, 768->3072, d=0.2): GEMMs at ~81 GF/s on hot gathered operands (~90 in
   isolation), ~10% gathering inputs out of a [M, K] activation that does not fit in cache, and dW at ~65% of the
   GEMM peak (each [64, M] @ [M, 64] packs both 2 MB operands from strided memory). cpu_kernels.c reads inputs in
-  place instead (no gather, no BLAS packing): ~1.3x this path end to end.
+  place instead (no gather, no BLAS packing): 1.33-1.44x this path's fwd+bwd (same run, MLP shapes, 0.2 / 0.1).
 """
 from __future__ import annotations
 
