@@ -109,6 +109,7 @@ class StudyTrainingArguments(train_lm.LMTrainingArguments):
     # 1,600 steps: at 400 the methods could not be told apart; ~1.2 epochs of the corpus at this vocabulary.
     max_steps: int = field(default=1600, metadata={"help": "Optimizer steps per run (the same for every run)."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Sequences per step and device."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: steps, or a fraction of max_steps if < 1."})
     logging_steps: float = field(default=50, metadata={"help": "Log loss and sparsity every N steps."})
     save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps (an interrupted run resumes)."})
     save_total_limit: Optional[int] = field(default=1, metadata={"help": "Checkpoints kept per run."})
