@@ -47,7 +47,7 @@ def _tiny_flags(output_dir, cache, *extra):
     return [
         "--output_dir", str(output_dir), "--data_cache_dir", str(cache), "--config_overrides", "n_layer=1,n_embd=32,n_head=2",
         "--seq_length", "32", "--vocab_size", "300", "--max_steps", "4", "--update_interval", "2", "--save_steps", "2",
-        "--logging_steps", "2", "--disable_tqdm", "true", *extra,
+        "--logging_steps", "2", "--per_device_train_batch_size", "16", "--disable_tqdm", "true", *extra,
     ]
 
 
