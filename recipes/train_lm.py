@@ -1,7 +1,7 @@
 """Train a sparse language model with sparse momentum, and a dense model of the same shape on the same tokens;
 print their perplexities side by side.
 
-    accelerate launch recipes/train_lm.py                                  # CPU-sized default: ~6-7 min on 2 cores
+    accelerate launch recipes/train_lm.py                                  # CPU-sized default: ~7 min on 2 cores
     accelerate launch recipes/train_lm.py --method rigl --density 0.1      # any method / density
     accelerate launch recipes/train_lm.py --train_file a.txt --validation_file b.txt
     accelerate launch recipes/train_lm.py --model_name_or_path gpt2 --max_steps 2000   # pretrained: magnitude mask
@@ -128,7 +128,8 @@ class LMTrainingArguments(TrainingArguments):
     # exp_avg / sqrt(exp_avg_sq) as the momentum.
     output_dir: Optional[str] = field(default="runs/train_lm", metadata={"help": "Where runs and results go."})
     max_steps: int = field(default=400, metadata={"help": "Optimizer steps per run (same for sparse and dense)."})
-    # 12 x 128 tokens a step: both runs fit in ~6.5 min on 2 cores in fp32 (16: ~8.5 min; see the README).
+    # 12 x 128 tokens a step: the whole default run took 7 min 16 s on 2 cores in fp32 (README); a step of 16
+    # sequences takes ~1.5x as long as one of 12 there.
     per_device_train_batch_size: int = field(default=12, metadata={"help": "Sequences per step and device."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Windows per perplexity batch."})
     # 1e-3: the dense baseline's best of {5e-4, 1e-3, 2e-3} in 150-step trials (2e-3 was its worst); sparse uses the same.
