@@ -190,6 +190,14 @@ def test_a_result_from_other_settings_is_refused(tmp_path):
     assert load_result(str(tmp_path / "missing"), {}) is None
 
 
+def test_a_result_in_another_precision_names_the_flag_that_continues_it(tmp_path):
+    row = _row("momentum", 0.1, 0, 110.0)
+    write_result(str(tmp_path), row, {"training": {"precision": "bf16"}})
+    with pytest.raises(ValueError, match="precision='bf16' but this study has training.precision='fp32'; to continue "
+                                         "this study here add --bf16 true"):
+        load_result(str(tmp_path), {"training": {"precision": "fp32"}})
+
+
 def test_a_setting_added_later_is_read_at_its_old_value_from_older_files(tmp_path):
     row = _row("momentum", 0.1, 0, 110.0)
     write_result(str(tmp_path), row, {"sparsity": {"density": 0.1}, "training": {"max_steps": 10}})

@@ -190,6 +190,11 @@ def write_result(folder: str, result: StudyResult, settings: dict) -> str:
     return path
 
 
+# The flags that select a saved run's precision, for the error when it differs (the recipes choose bf16 by default
+# only where bf16 is fast, so a study moved to another machine may meet this).
+PRECISION_FLAGS = {"bf16": "--bf16 true (and --use_cpu true on a machine without a GPU)", "fp32": "--bf16 false"}
+
+
 def load_result(folder: str, settings: dict, added_settings: Optional[dict] = None) -> Optional[StudyResult]:
     """The finished run's result, or None if it has not finished. A ValueError if it finished with other settings.
 
@@ -209,9 +214,13 @@ def load_result(folder: str, settings: dict, added_settings: Optional[dict] = No
             theirs[key] = value  # (a key inside a section only where the file has that section: not for dense runs)
     for key in sorted(set(theirs) | set(ours)):
         if theirs.get(key) != ours.get(key):
+            remedy = "use another --output_dir (or delete that run's folder to train it again)"
+            if key == "training.precision" and theirs.get(key) in PRECISION_FLAGS:
+                # the default precision follows the machine (bf16 where it is fast): name the flag that matches
+                remedy = f"to continue this study here add {PRECISION_FLAGS[theirs[key]]}, or {remedy}"
             raise ValueError(
                 f"{path} was trained with {key}={theirs.get(key)!r} but this study has {key}={ours.get(key)!r}; "
-                "use another --output_dir (or delete that run's folder to train it again)."
+                f"{remedy}."
             )
     known = {f.name for f in fields(StudyResult)}
     return StudyResult(**{key: value for key, value in saved["result"].items() if key in known})
