@@ -29,13 +29,11 @@
 #define MAX_STRIP 16
 #endif
 #define RMAX 6
-#ifndef DDS_ROWS
+#ifndef DDS_ROWS      /* -DDDS_ROWS=n through $SPARSE_NLP_NATIVE_FLAGS, for tuning on other caches */
 #define DDS_ROWS 96    /* rows of A copied per chunk: RMAX-row tiles over all output blocks reuse them from L2 */
 #endif
 #define SDD_ROWS 256   /* rows of dY and X copied per chunk (cpu_native.py splits dW between threads on these) */
-#ifndef SDD_SUB
 #define SDD_SUB 64     /* rows one sdd tile sums before moving on: its slices of dY and X stay in L1 */
-#endif
 
 typedef float vf __attribute__((vector_size(VEC * 4), aligned(4)));  /* aligned(4): unaligned loads are fine */
 #define LOAD(p) (*(const vf*)(p))

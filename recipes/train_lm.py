@@ -59,7 +59,7 @@ from sparse_nlp.lm.reporting import (
     linear_density,
     write_results,
 )
-from sparse_nlp.lm.tokenizer import load_tokenizer
+from sparse_nlp.lm.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer
 
 # The default model: GPT-2's architecture at nanoGPT's "baby" scale, sized so that the sparse and the dense run
 # together take well under 15 minutes on 2 CPU cores (measured: see the README) and still learn real English.
@@ -90,9 +90,8 @@ class ModelArguments:
         metadata={"help": "Tokenizer (hub id or local folder). Default: the pretrained model's, else a byte-level "
                   "BPE trained on the training split and cached beside the data."},
     )
-    # 2,048 (as the study's): the linear layers then hold 85% of the weights, not 60% as at 8,192, where the dense
-    # token embedding held most of a sparse model's nonzeros; and the LM head and softmax cost a quarter as much.
-    vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the trained BPE tokenizer."})
+    # DEFAULT_VOCAB_SIZE (2,048, as the study's): at 8,192 the LM head and softmax cost 4x as much.
+    vocab_size: int = field(default=DEFAULT_VOCAB_SIZE, metadata={"help": "Vocabulary of the trained BPE tokenizer."})
     seq_length: int = field(
         default=128, metadata={"help": "Tokens per training sequence (text is packed into blocks of this length); "
                                "also the perplexity context."}
