@@ -69,13 +69,15 @@ def dds(a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional
 def _dds_tasks(a, b, transpose_b, bias) -> tuple[torch.Tensor, list[Callable[[], None]]]:
     lib = load_native()
     layout, blk = b.layout, b.layout.block_size
-    v = b.values.detach()
+    v = b.values.detach().contiguous()
     if transpose_b:  # output block i = block-row i of W: its blocks transposed, row-major order
-        stack, offsets, inputs = v.transpose(1, 2).contiguous(), layout.row_offsets, layout.col_indices
-        n_out = layout.block_shape[0]
+        perm, offsets, inputs, n_out = None, layout.row_offsets, layout.col_indices, layout.block_shape[0]
     else:  # output block j = block-column j of W: its blocks as they are, column-major order
-        stack = v.index_select(0, layout.host_plan.transpose_perm).contiguous()
-        offsets, inputs, n_out = layout.col_offsets, layout.transpose_row_indices, layout.block_shape[1]
+        perm, offsets, inputs = layout.transpose_perm, layout.col_offsets, layout.transpose_row_indices
+        n_out = layout.block_shape[1]
+    stack = torch.empty_like(v)  # the blocks in the order and tile layout the kernel reads
+    lib.sparse_nlp_pack_blocks(_ptr(v), None if perm is None else _ptr(perm), v.shape[0], blk, int(transpose_b),
+                               _ptr(stack))
     a = _rows(a)
     bias = None if bias is None else bias.detach().contiguous()
     m, lda = a.shape[0], a.stride(0)
