@@ -18,9 +18,11 @@ import torch
 from . import cpu
 from .layout import BlockSparseLayout, BlockSparseMatrix
 from .native_build import load_native, native_unavailable_reason
+from .output_pool import OutputPool
 
 NATIVE_DTYPES = (torch.float32,)
 SDD_ROWS = 256  # cpu_kernels.c's SDD_ROWS: the dW split between threads falls on its chunks
+OUTPUTS = OutputPool()  # Y and dX of this process's native products: recycled, not faulted in afresh each time
 
 
 def available() -> bool:
@@ -81,7 +83,7 @@ def _dds_tasks(a, b, transpose_b, bias) -> tuple[torch.Tensor, list[Callable[[],
     a = _rows(a)
     bias = None if bias is None else bias.detach().contiguous()
     m, lda = a.shape[0], a.stride(0)
-    out = torch.empty(m, n_out * blk, dtype=a.dtype, device=a.device)
+    out = OUTPUTS.empty((m, n_out * blk), a.dtype, a.device)
     ldc = out.stride(0)
 
     def chunk(m0: int) -> None:
