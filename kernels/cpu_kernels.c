@@ -128,11 +128,8 @@ static int nv_slot(int64_t strip) { int nv = (int)(strip / VEC); return nv >= 4 
 
 int sparse_nlp_vector_width(void) { return VEC; }
 
-/* Columns per tile strip for block size b: the packed weight's innermost extent (see sparse_nlp_pack_blocks). */
-int64_t sparse_nlp_strip(int64_t b) { return strip_of(b); }
-
 /* Packs nnz blocks of b x b for sparse_nlp_dds_f32: out[t] = V[perm ? perm[t] : t], transposed when asked, laid
- * out as [b / strip][b][strip] (strip = sparse_nlp_strip(b)), so a tile reads its columns as one contiguous run. */
+ * out as [b / strip][b][strip] (strip = strip_of(b)), so a tile reads its columns as one contiguous run. */
 void sparse_nlp_pack_blocks(const float* V, const int32_t* perm, int64_t nnz, int64_t b, int transpose, float* out) {
     int64_t strip = strip_of(b);
     for (int64_t t = 0; t < nnz; t++) {

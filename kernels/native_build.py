@@ -91,8 +91,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sparse_nlp_dds_f32.restype = i32
     lib.sparse_nlp_sdd_f32.argtypes = [p, i64, p, i64, i64, p, p, i64, i64, p, i32]
     lib.sparse_nlp_sdd_f32.restype = i32
-    lib.sparse_nlp_strip.argtypes = [i64]
-    lib.sparse_nlp_strip.restype = i64
     lib.sparse_nlp_pack_blocks.argtypes = [p, p, i64, i64, i32, p]
     lib.sparse_nlp_pack_blocks.restype = None
     lib.sparse_nlp_vector_width.argtypes = []
