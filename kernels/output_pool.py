@@ -12,6 +12,7 @@ reuses anything and behaves as torch.empty.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 
@@ -43,9 +44,7 @@ class OutputPool:
         self._lock = threading.Lock()
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         with self._lock:  # the check and the view that claims the buffer happen together
             for key, buf in self._buffers.items():
                 if buf.numel() == numel and buf.dtype == dtype and buf.device == device and _storage_users(buf) == 1:
