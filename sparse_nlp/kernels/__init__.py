@@ -1,0 +1,48 @@
+"""Block-sparse linear kernels (imports as sparse_nlp.kernels).
+
+    layout = BlockSparseLayout.from_block_mask(block_mask, block_size=64)   # [N//64, K//64] bool
+    w = BlockSparseMatrix.from_dense(linear.weight.detach(), layout)         # values [num_blocks, 64, 64]
+    y = block_sparse_linear(x, w, bias)                                      # x [..., K] -> [..., N]
+
+Triton on CUDA, compiled C kernels (fp32) or a blocked pure-torch path on CPU; see docs/kernels.md. Triton is imported lazily.
+
+Where the files live, and why. The kernels' modules sit in the repository's top-level ``kernels/`` folder (the
+design fixes that layout), and that folder has no ``__init__.py`` on purpose: Python puts the working directory (or a
+script's folder) first on ``sys.path``, so a regular package called ``kernels`` in the checkout's root would shadow
+Hugging Face's ``kernels`` package, which transformers imports whenever a model module loads. A folder without
+``__init__.py`` is only a PEP 420 namespace portion, and the import system ranks every regular package of the same
+name above it, wherever it sits on the path, so an installed ``kernels`` always wins (and transformers reads a
+namespace package as "not installed"). No code on the import path is needed for that; a shim in the folder that swapped
+``sys.modules`` entries would be the alternative, and it would still break ``import transformers`` wherever
+Hugging Face's package is absent.
+
+This ``__init__.py`` is therefore kept here, and ``sparse_nlp.kernels`` is one package in every setting:
+- an installed wheel: setuptools copies ``kernels/*.py`` beside this file (pyproject.toml, ``package-dir``);
+- a source checkout (editable install, or the repository root on ``sys.path``): the package's ``__path__`` gains the
+  top-level folder below, so ``sparse_nlp.kernels.ops`` is ``kernels/ops.py``.
+"""
+from pathlib import Path as _Path
+
+_HERE = _Path(__file__).resolve().parent
+_CHECKOUT_KERNELS = _HERE.parent.parent / "kernels"  # <checkout>/kernels, beside <checkout>/sparse_nlp
+if not (_HERE / "ops.py").exists() and (_CHECKOUT_KERNELS / "ops.py").exists():
+    __path__.append(str(_CHECKOUT_KERNELS))  # a source checkout: the modules live in the top-level kernels/ folder
+
+from .autograd import BlockSparseLinearFunction, block_sparse_linear
+from .layout import BLOCK_SIZES, BlockSparseLayout, BlockSparseMatrix
+from .ops import BACKENDS, DENSE_THRESHOLD, NATIVE_DENSE_THRESHOLD, dds, dsd, resolve_backend, sdd
+
+__all__ = [
+    "BLOCK_SIZES",
+    "BACKENDS",
+    "DENSE_THRESHOLD",
+    "NATIVE_DENSE_THRESHOLD",
+    "BlockSparseLayout",
+    "BlockSparseMatrix",
+    "BlockSparseLinearFunction",
+    "block_sparse_linear",
+    "dds",
+    "dsd",
+    "sdd",
+    "resolve_backend",
+]
