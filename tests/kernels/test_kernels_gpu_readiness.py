@@ -23,9 +23,14 @@ def test_tf32_is_read_without_mixing_torchs_precision_apis():
 import torch
 from sparse_nlp.kernels import launchers
 launchers.interpreting = lambda: False  # the compiled-kernel path, where fp32 follows torch's TF32 setting
-torch.backends.cuda.matmul.fp32_precision = "tf32"
+matmul = torch.backends.cuda.matmul
+if hasattr(matmul, "fp32_precision"):  # the new API (torch >= 2.9)
+    set_tf32 = lambda on: setattr(matmul, "fp32_precision", "tf32" if on else "ieee")
+else:  # older torch has only the legacy flag
+    set_tf32 = lambda on: setattr(matmul, "allow_tf32", on)
+set_tf32(True)
 assert launchers.tf32_enabled() and launchers._input_precision(torch.float32) == "tf32"
-torch.backends.cuda.matmul.fp32_precision = "ieee"
+set_tf32(False)
 assert not launchers.tf32_enabled() and launchers._input_precision(torch.float32) == "ieee"
 print("ok")
 """
