@@ -62,7 +62,7 @@ from sparse_nlp.lm.reporting import (
 from sparse_nlp.lm.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer
 
 # The default model: GPT-2's architecture at nanoGPT's "baby" scale, sized so that the sparse and the dense run
-# together take well under 15 minutes on 2 CPU cores (measured: see the README) and still learn real English.
+# together take well under 15 minutes on 2 CPU cores (measured: docs/default_run.md) and still learn real English.
 DEFAULT_MODEL = dict(
     n_layer=4,  # 4 blocks of attention + MLP: 16 sparse linear layers
     n_embd=256,  # width; the MLP is 4x wider (1024)
@@ -127,7 +127,7 @@ class LMTrainingArguments(TrainingArguments):
     # exp_avg / sqrt(exp_avg_sq) as the momentum.
     output_dir: Optional[str] = field(default="runs/train_lm", metadata={"help": "Where runs and results go."})
     max_steps: int = field(default=400, metadata={"help": "Optimizer steps per run (same for sparse and dense)."})
-    # 12 x 128 tokens a step: the whole default run took 414 s on 2 cores in fp32 (README); a step of 16
+    # 12 x 128 tokens a step: the whole default run took 414 s on 2 cores in fp32 (docs/default_run.md); a step of 16
     # sequences takes ~1.5x as long as one of 12 there.
     per_device_train_batch_size: int = field(default=12, metadata={"help": "Sequences per step and device."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Windows per perplexity batch."})
