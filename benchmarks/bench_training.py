@@ -40,7 +40,8 @@ from transformers.utils import logging as hf_logging
 import torch.distributed as dist
 
 from sparse_nlp import SparsityController, sparse_layers, sparsify
-from sparse_nlp.distributed import all_reduce_block_grads, ignore_block_values_in_ddp, is_distributed
+from sparse_nlp.distributed import (NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp,
+                                   is_distributed)
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -70,7 +71,7 @@ class Variant:
         self.forward = self.model
         if is_distributed():  # torchrun: DDP skips the resizable block values; train_cycle syncs their gradients
             ignore_block_values_in_ddp(self.model)
-            self.forward = torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.model, **NO_FORWARD_BUFFER_SYNC)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         # total_steps far beyond the benchmark: updates keep coming at every cycle's end, at a high prune rate
         self.controller = (SparsityController(self.model, self.optimizer, total_steps=10**6)

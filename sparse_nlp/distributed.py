@@ -12,13 +12,24 @@ are averaged here, in one flat bucket, after each synchronising backward (``all_
 per-rank sum over the local batch: ``all_reduce_dense_grads`` averages each step's over ranks before the layer
 folds it into its sums (their squares too, so those must be of the whole batch's gradient).
 ``check_block_values_agree`` makes a custom loop that forgot the gradient sync fail loudly at the first update.
+
+The masks are buffers, and they already agree: ``NO_FORWARD_BUFFER_SYNC`` are the DDP arguments that stop DDP
+re-sending them at every forward, under the name this torch knows.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+# torch 2.13 deprecated DDP's broadcast_buffers (a FutureWarning on every rank) for forward_sync_buffers, its
+# per-forward half: with it off, DDP still copies rank 0's buffers once when it wraps the model, which for the masks
+# only confirms what the controller guarantees. Older torch has only broadcast_buffers, which skips that copy too.
+_DDP_ARGUMENTS = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGUMENTS
+                          else {"broadcast_buffers": False})
 
 
 def is_distributed() -> bool:

@@ -10,9 +10,11 @@ Everything sparse happens in :class:`SparsityCallback` (which works in a plain T
   per-layer densities kept off the console (see ``sparse_nlp.console``: one line per topology update instead);
 - a check, before anything is loaded, that ``resume_from_checkpoint`` is a checkpoint of this model and these
   sparsity settings (a one-line ``ValueError`` instead of a state-dict size-mismatch wall);
-- under DDP, no per-forward buffer broadcast (``ddp_broadcast_buffers=False`` unless set): the masks are buffers,
-  and the controller already makes every rank hold rank 0's masks after each topology update
-  (see ``sparse_nlp.distributed``), so re-sending them at every forward would only cost bandwidth;
+- under DDP, no per-forward buffer broadcast (unless ``ddp_broadcast_buffers`` is set): the masks are buffers, and
+  the controller already makes every rank hold rank 0's masks after each topology update
+  (see ``sparse_nlp.distributed``), so re-sending them at every forward would only cost bandwidth. It is passed to
+  DDP under the name the installed torch knows (``forward_sync_buffers`` from torch 2.13, whose
+  ``broadcast_buffers`` warns on every rank), not through ``args``, which stay as given;
 - block-sparse layers under DDP: DDP skips their resizable ``values`` and this trainer averages their gradients
   after each synchronising backward (``training_step``), before clipping and the optimizer step;
 - FSDP (and DeepSpeed) refused at start with one line: they shard or flatten the weights that the masks and the
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+from accelerate.utils import DistributedDataParallelKwargs
 from safetensors import safe_open
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
@@ -35,7 +39,7 @@ from sparse_nlp.clipping import clip_active_grad_norm_, supports_active_clipping
 from sparse_nlp.config import DENSE, SparsityConfig
 from sparse_nlp.console import hide_layer_densities
 from sparse_nlp.controller import SparsityController
-from sparse_nlp.distributed import all_reduce_block_grads, ignore_block_values_in_ddp
+from sparse_nlp.distributed import NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp
 from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers, sparsify
 
 MATCHED_SETTINGS = ("density", "method", "distribution", "block_size")  # a resumed or pre-sparsified run must agree on these
@@ -50,8 +54,6 @@ class SparseTrainer(Trainer):
             sparsify(model, config=config)
         self.sparsity_config = config
         sparse = config.method != DENSE
-        if sparse and args is not None and args.ddp_broadcast_buffers is None:
-            args.ddp_broadcast_buffers = False  # before super().__init__, which builds the Accelerator (and DDP kwargs)
         # DDP (wrapped at train time) must skip the block values; their gradients are averaged in training_step.
         self._block_values = ignore_block_values_in_ddp(model) if sparse else []
         super().__init__(model, args, *trainer_args, **kwargs)
@@ -90,6 +92,14 @@ class SparseTrainer(Trainer):
             logs.update(self.sparsity_callback.log_metrics())
         super().log(logs, start_time)
 
+    def _wrap_model(self, model, training=True, dataloader=None):
+        model = super()._wrap_model(model, training, dataloader)
+        # Here, just before accelerator.prepare wraps the model in DDP: transformers 4.x rebuilds accelerate's DDP
+        # settings from args in _wrap_model, 5.x in __init__. ddp_broadcast_buffers, when set, is the user's to keep.
+        if training and self.sparsity_callback is not None and self.args.ddp_broadcast_buffers is None:
+            self.accelerator.ddp_handler = _without_forward_buffer_sync(self.accelerator.ddp_handler)
+        return model
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._block_values and self.accelerator.sync_gradients:  # the synchronising backward (not under no_sync)
@@ -108,6 +118,20 @@ class SparseTrainer(Trainer):
         tied = set(getattr(self.model, "_tied_weights_keys", None) or ())
         missing = [key for key in load_result.missing_keys if key not in tied]
         super()._issue_warnings_after_load(type(load_result)(missing, load_result.unexpected_keys))
+
+
+@dataclass
+class _DDPKwargs(DistributedDataParallelKwargs):
+    """accelerate's DDP settings plus torch's ``forward_sync_buffers``, which accelerate has no field for yet."""
+
+    forward_sync_buffers: Optional[bool] = None  # None: not passed (accelerate passes only settings off their default)
+
+
+def _without_forward_buffer_sync(handler: Optional[DistributedDataParallelKwargs]) -> _DDPKwargs:
+    """A copy of accelerate's DDP settings (None: the defaults) that DDP reads as: no buffer sync at each forward."""
+    handler = handler if handler is not None else DistributedDataParallelKwargs()
+    settings = {f.name: getattr(handler, f.name) for f in fields(DistributedDataParallelKwargs)}
+    return _DDPKwargs(**{**settings, **NO_FORWARD_BUFFER_SYNC})
 
 
 def _resolve_config(model, given: Optional[SparsityConfig]) -> SparsityConfig:
