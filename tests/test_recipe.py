@@ -202,7 +202,9 @@ def test_bf16_by_default_only_where_it_is_fast_and_never_over_the_users_choice(m
 
 def test_accelerate_launch_runs_the_recipe(text_files, tmp_path):
     train, valid, cache = text_files
-    command = ["accelerate", "launch", str(RECIPE), *_tiny_flags(tmp_path, cache, "--train_file", str(train),
+    # The `accelerate` this interpreter installed (its venv may not be on PATH), as a user's shell would find it.
+    launcher = Path(sys.executable).with_name("accelerate")
+    command = [str(launcher) if launcher.exists() else "accelerate", "launch", str(RECIPE), *_tiny_flags(tmp_path, cache, "--train_file", str(train),
                "--validation_file", str(valid), "--dense_baseline", "false")]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
