@@ -46,10 +46,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from sparse_nlp import SparseTrainer, SparsityConfig, unsparsify
 from sparse_nlp.config import DENSE
 from sparse_nlp.precision import has_fast_bf16
-from sparse_nlp.lm.data import load_text_dataset, tokenize_and_pack
+from sparse_nlp.lm.data import group_token_counts, load_text_dataset, pack_into_blocks, tokenize_texts
 from sparse_nlp.lm.evaluation import concatenate_token_ids, evaluate_perplexity
 from sparse_nlp.lm.machine_load import OtherLoad
 from sparse_nlp.lm.plots import write_training_plot
+from sparse_nlp.lm.sequence_length import check_corpus_fits, check_memory_fits, count_parameters_of
 from sparse_nlp.lm.speed import measure_kernel_speedup
 from sparse_nlp.lm.reporting import (
     RunResult,
@@ -94,7 +95,8 @@ class ModelArguments:
     vocab_size: int = field(default=DEFAULT_VOCAB_SIZE, metadata={"help": "Vocabulary of the trained BPE tokenizer."})
     seq_length: int = field(
         default=128, metadata={"help": "Tokens per training sequence (text is packed into blocks of this length); "
-                               "also the perplexity context."}
+                               "also the perplexity context. One that the corpus (a batch of training sequences, a "
+                               "validation one) or memory cannot hold fails at once, naming the largest that fits."}
     )
 
 
@@ -134,9 +136,14 @@ class LMTrainingArguments(TrainingArguments):
     # 1e-3: the dense baseline's best of {5e-4, 1e-3, 2e-3} in 150-step trials (2e-3 was its worst); sparse uses the same.
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
-    # 80 steps, as the study's (5% of 1,600): with 20 (5% of the default 400) the dense baseline of the default run
-    # fell 31% behind the sparse one (val ppl 131.45 vs 103.57; 100.06 vs 98.49 with 80), a warm-up effect.
-    warmup_steps: float = field(default=80, metadata={"help": "Warm-up: steps, or a fraction of max_steps if < 1."})
+    # A fifth of the run: 80 of the default 400 steps, as measured (docs/default_run.md); with 20 (5%) the dense
+    # baseline of the default run fell 31% behind the sparse one (val ppl 131.45 vs 103.57; 100.06 vs 98.49 with 80).
+    # A fraction, not a count, so that short runs reach their peak learning rate: a 40-step fine-tune of a pretrained
+    # 135M Llama at lr 1e-4 reached val ppl 131.4 with the former fixed 80 steps and 101.5 with 20.
+    warmup_steps: float = field(
+        default=0.2, metadata={"help": "Warm-up: a fraction of max_steps if < 1 (default 0.2: 80 of the default 400 "
+                               "steps, 8 of 40), else a number of steps; one as long as the run is warned about."}
+    )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     logging_steps: float = field(default=25, metadata={"help": "Log loss and sparsity every N steps."})
     save_steps: float = field(default=100, metadata={"help": "Checkpoint every N steps (for resuming)."})
@@ -204,6 +211,21 @@ def parse_args(argv=None):
     return model_args, data_args, sparsity, training_args
 
 
+def warmup_warning(training_args: TrainingArguments) -> Optional[str]:
+    """A line for a warm-up as long as the run or longer (the learning rate never reaches its peak), else None."""
+    steps = training_args.max_steps
+    if steps <= 0:  # a run in epochs: its length is known only once the data is
+        return None
+    warmup = training_args.get_warmup_steps(steps)
+    if warmup < steps:
+        return None
+    last = training_args.learning_rate * (steps - 1) / warmup  # the Trainer's step k trains at lr * (k - 1) / warmup
+    return (f"warning: --warmup_steps {training_args.warmup_steps:g} warms up for {warmup} steps but the run has "
+            f"{steps} (--max_steps): the learning rate rises all run to {last:.2g}, not --learning_rate "
+            f"{training_args.learning_rate:g}, and never decays; pass a fraction of the run (e.g. --warmup_steps 0.2) "
+            "or fewer steps.")
+
+
 def use_all_cores() -> Optional[int]:
     """`accelerate launch` without a config sets OMP_NUM_THREADS=1; on a CPU-only machine use every core instead.
 
@@ -223,17 +245,44 @@ def use_all_cores() -> Optional[int]:
 def build_model(model_args: ModelArguments, tokenizer) -> torch.nn.Module:
     if model_args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {model_args.model_name_or_path} embeds "
-                             f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer.")
     else:
         model = AutoModelForCausalLM.from_config(new_model_config(model_args, tokenizer))
-    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and model_args.seq_length > positions:
-        raise ValueError(f"--seq_length {model_args.seq_length} is longer than the model's {positions} positions.")
+    check_model_takes_data(model_args, model.config, tokenizer, model.get_input_embeddings().num_embeddings)
     if getattr(model, "loss_type", None) is None:  # class names like GPT2LMHeadModel do not tell transformers
         model.loss_type = "ForCausalLM"
     return model
+
+
+def check_model_takes_data(model_args: ModelArguments, config, tokenizer, embedded: int) -> None:
+    """The tokenizer's ids must have embeddings (`embedded` of them) and --seq_length must have positions."""
+    if len(tokenizer) > embedded:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {model_args.model_name_or_path} embeds "
+                         f"{embedded}; use the model's own tokenizer.")
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions is not None and model_args.seq_length > positions:
+        raise ValueError(f"--seq_length {model_args.seq_length} is longer than the model's {positions} positions.")
+
+
+def model_config(model_args: ModelArguments, tokenizer):
+    """The config build_model's model will have (a pretrained model's, or a new one's)."""
+    if model_args.model_name_or_path:
+        return AutoConfig.from_pretrained(model_args.model_name_or_path)
+    return new_model_config(model_args, tokenizer)
+
+
+def check_model_fits(model_args: ModelArguments, training_args: TrainingArguments, tokenizer) -> None:
+    """build_model's checks and the memory a training step at --seq_length needs, before any weight is allocated."""
+    config = model_config(model_args, tokenizer)
+    check_model_takes_data(model_args, config, tokenizer, config.get_text_config().vocab_size)
+    parameters = count_parameters_of(config)  # on the meta device
+    check_memory_fits(model_args.seq_length, config, parameters, training_args.per_device_train_batch_size,
+                      training_args.device)
+
+
+def sequences_needed(training_args: TrainingArguments, splits) -> dict[str, int]:
+    """Packed sequences each split must give: one optimizer step's batch for training, one window to score."""
+    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    return {split: batch * training_args.world_size if split == "train" else 1 for split in splits}
 
 
 def new_model_config(model_args: ModelArguments, tokenizer):
@@ -249,7 +298,11 @@ def new_model_config(model_args: ModelArguments, tokenizer):
 
 
 def prepare_data(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
-    """Packed blocks of every split, and the tokenizer; the main process builds caches first."""
+    """Packed blocks of every split, and the tokenizer; the main process builds caches first.
+
+    A --seq_length that memory or the corpus cannot hold fails here in one line (SequenceLengthError), memory before
+    the text is tokenized, the corpus before it is packed.
+    """
     with training_args.main_process_first(desc="data"):
         raw = load_text_dataset(
             data_args.dataset_name, data_args.dataset_config_name, data_args.train_file, data_args.validation_file,
@@ -259,10 +312,14 @@ def prepare_data(model_args: ModelArguments, data_args: DataArguments, training_
             model_args.tokenizer_name or model_args.model_name_or_path, train_split=raw["train"],
             vocab_size=model_args.vocab_size, cache_dir=data_args.data_cache_dir,
         )
+        check_model_fits(model_args, training_args, tokenizer)
         embedded = data_args.dataset_name is None and data_args.train_file is None
         append_eos = embedded if data_args.append_eos is None else data_args.append_eos
-        blocks = tokenize_and_pack(raw, tokenizer, model_args.seq_length, append_eos=append_eos,
-                                   num_proc=data_args.preprocessing_num_workers)
+        workers = data_args.preprocessing_num_workers
+        tokenized = tokenize_texts(raw, tokenizer, append_eos=append_eos, num_proc=workers)
+        check_corpus_fits(model_args.seq_length, group_token_counts(tokenized, num_proc=workers),
+                          sequences_needed(training_args, tokenized))
+        blocks = pack_into_blocks(tokenized, model_args.seq_length, num_proc=workers)
     return blocks, tokenizer
 
 
@@ -380,6 +437,9 @@ def main(argv=None) -> list[RunResult]:
         model_args, data_args, sparsity, training_args = parse_args(argv)
         if threads is not None and training_args.should_log:
             print(f"Training on the CPU with {threads} threads (accelerate launch had set OMP_NUM_THREADS=1).")
+        warning = warmup_warning(training_args)
+        if warning and training_args.process_index == 0:  # once per job, before any data or model is loaded
+            print(warning, file=sys.stderr)
         return run(model_args, data_args, sparsity, training_args)
     except (ValueError, OSError) as err:  # bad input: one line, not a traceback
         lines = str(err).strip().splitlines() or [type(err).__name__]

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparse_nlp.lm.sequence_length as sequence_length
 from trainer_helpers import tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,3 +233,77 @@ def test_block_sparse_run_says_which_path_ran_and_resumes(text_files, tmp_path):
     flags[flags.index("--max_steps") + 1] = "6"
     (resumed,) = train_lm.main(flags + ["--resume_from_checkpoint", "last"])
     assert resumed.train_tokens == 6 * 16 * 32 and resumed.density == pytest.approx(10 / 48)
+
+
+def test_warmup_is_a_fifth_of_the_run_by_default(tmp_path):
+    def warmup_of(*flags):
+        *_, training_args = train_lm.parse_args(["--output_dir", str(tmp_path), *flags])
+        return training_args.get_warmup_steps(training_args.max_steps)  # what the Trainer's scheduler is built with
+
+    assert warmup_of() == 80  # the default run, as measured in docs/default_run.md: 80 of 400 steps
+    assert warmup_of("--max_steps", "40") == 8  # a short fine-tune reaches its peak learning rate
+    assert warmup_of("--max_steps", "40", "--warmup_steps", "20") == 20  # a count is still a count
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_once_before_any_data_loads(tmp_path, capsys):
+    def warning_for(*flags):
+        return train_lm.warmup_warning(train_lm.parse_args(["--output_dir", str(tmp_path), *flags])[-1])
+
+    assert warning_for() is None and warning_for("--max_steps", "100", "--warmup_steps", "99") is None
+    assert warning_for("--max_steps", "100", "--warmup_steps", "0.99") is None  # 99 steps
+    assert warning_for("--max_steps", "100", "--warmup_steps", "100") is not None  # the peak only at the very end
+    with pytest.raises(SystemExit, match="does not exist"):  # the warning comes first, then the bad input stops it
+        train_lm.main(_tiny_flags(tmp_path, tmp_path / "cache", "--train_file", "/nonexistent/train.txt",
+                                  "--max_steps", "100", "--warmup_steps", "500"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: --warmup_steps 500 warms up for 500 steps but the run has 100 (--max_steps): the learning rate rises "
+        "all run to 0.0002, not --learning_rate 0.001, and never decays; pass a fraction of the run (e.g. "
+        "--warmup_steps 0.2) or fewer steps."
+    ]
+
+
+class _Stop(Exception):
+    """Raised by a patched step of the recipe: the run got that far."""
+
+
+def _stop_at(monkeypatch, name):
+    def stop(*args, **kwargs):
+        raise _Stop(name)
+
+    monkeypatch.setattr(train_lm, name, stop)
+
+
+def test_a_sequence_length_the_corpus_cannot_hold_fails_in_one_line_with_the_largest_that_fits(
+        text_files, tmp_path, monkeypatch):
+    train, valid, cache = text_files
+    monkeypatch.setattr(sequence_length, "available_memory", lambda device: 2**50)  # only the corpus limits here
+    data = ["--train_file", str(train), "--validation_file", str(valid)]
+    with pytest.raises(SystemExit) as exit_info:
+        train_lm.main(_tiny_flags(tmp_path, cache, *data, "--seq_length", "100000"))
+    text = str(exit_info.value.code)
+    assert re.fullmatch(r"error: --seq_length 100000 leaves the (train|validation) split 0 sequence\(s\) of that "
+                        r"length, fewer than .*; use --seq_length \d+ or less, or more text\.", text), text
+    largest = int(re.search(r"use --seq_length (\d+)", text).group(1))
+    _stop_at(monkeypatch, "pack_into_blocks")  # past the check: stop before packing and training
+    with pytest.raises(_Stop):
+        train_lm.main(_tiny_flags(tmp_path, cache, *data, "--seq_length", str(largest)))
+    with pytest.raises(SystemExit, match=f"^error: --seq_length {largest + 1} leaves the "):
+        train_lm.main(_tiny_flags(tmp_path, cache, *data, "--seq_length", str(largest + 1)))
+    assert not (tmp_path / "sparse").exists()
+
+
+def test_a_sequence_length_memory_cannot_hold_fails_in_one_line_before_tokenizing(text_files, tmp_path, monkeypatch):
+    train, valid, cache = text_files
+    monkeypatch.setattr(sequence_length, "available_memory", lambda device: 64 * 2**20)
+    _stop_at(monkeypatch, "tokenize_texts")
+    with pytest.raises(SystemExit) as exit_info:  # 16 x 100,000 tokens need GiB
+        train_lm.main(_tiny_flags(tmp_path, cache, "--train_file", str(train), "--seq_length", "100000"))
+    text = str(exit_info.value.code)
+    assert re.fullmatch(r"error: --seq_length 100000 does not fit in memory: a training step of 16 sequences of "
+                        r"100000 tokens needs about [\d.]+ GiB, the cpu has 0.1 GiB free; use --seq_length \d+ or "
+                        r"less, or a smaller --per_device_train_batch_size\.", text), text
+    largest = int(re.search(r"use --seq_length (\d+)", text).group(1))
+    assert 32 < largest < 100000
+    with pytest.raises(_Stop):  # the suggested length passes the memory check
+        train_lm.main(_tiny_flags(tmp_path, cache, "--train_file", str(train), "--seq_length", str(largest)))

@@ -18,6 +18,7 @@ import codecs
 from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
 SOTU_CORPUS = Path(__file__).resolve().parent / "corpus" / "sotu.jsonl.xz"  # built by scripts/build_corpus.py
@@ -26,6 +27,7 @@ SOTU_VALIDATION_POSITION = 9  # index % 20 == 9  -> validation (12 speeches, ~5%
 SOTU_TEST_POSITION = 19  # index % 20 == 19 -> test (11 speeches, ~5%); all other speeches -> train (210)
 DEFAULT_VALIDATION_FRACTION = 0.05  # share of train records carved off when a source has no validation split
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json"}
+PACK_RECORDS = 1000  # records concatenated into one stream by pack_into_blocks; each stream drops its partial block
 
 
 class DataInputError(ValueError):
@@ -169,7 +171,7 @@ def tokenize_texts(dataset_dict: DatasetDict, tokenizer, append_eos: bool = Fals
 
 
 def pack_into_blocks(tokenized: DatasetDict, block_size: int, num_proc: int | None = None) -> DatasetDict:
-    """Concatenate each batch of 1,000 records and cut it into blocks; the last partial block is dropped."""
+    """Concatenate each batch of PACK_RECORDS records and cut it into blocks; the last partial block is dropped."""
     if not isinstance(block_size, int) or block_size < 2:
         raise DataInputError(f"block_size must be an integer >= 2, got {block_size!r}")
 
@@ -179,12 +181,25 @@ def pack_into_blocks(tokenized: DatasetDict, block_size: int, num_proc: int | No
         blocks = [stream[start:start + block_size] for start in range(0, usable, block_size)]
         return {"input_ids": blocks, "labels": [list(block) for block in blocks]}  # the model shifts labels
 
-    packed = tokenized.map(group_texts, batched=True, num_proc=num_proc, desc=f"Packing into blocks of {block_size}")
+    packed = tokenized.map(group_texts, batched=True, batch_size=PACK_RECORDS, num_proc=num_proc,
+                           desc=f"Packing into blocks of {block_size}")
     for split, blocks in packed.items():
         if len(blocks) == 0:
             raise DataInputError(f"split {split!r} has fewer than block_size={block_size} tokens; "
                                  "use a smaller block_size or more text")
     return packed
+
+
+def group_token_counts(tokenized: DatasetDict, num_proc: int | None = None) -> dict[str, list[int]]:
+    """Per split, the tokens of each stream pack_into_blocks concatenates (the same batches of records, split over
+    the same processes): a split packs into sum(tokens // block_size) blocks at any block size."""
+
+    def count(batch):  # an Arrow table: the token counts are summed without building Python lists
+        return {"tokens": [pc.sum(pc.list_value_length(batch["input_ids"])).as_py() or 0]}
+
+    counts = tokenized.with_format("arrow").map(count, batched=True, batch_size=PACK_RECORDS, num_proc=num_proc,
+                                                remove_columns=["input_ids"], desc="Counting tokens")
+    return {split: list(counts[split].with_format(None)["tokens"]) for split in counts}
 
 
 def _with_validation_split(dataset_dict: DatasetDict, fraction: float, source: str) -> DatasetDict:
