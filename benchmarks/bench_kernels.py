@@ -16,14 +16,14 @@ import os
 import statistics
 import time
 
-# Large CPU tensors on transparent huge pages (torch reads this once, at its first allocation): a fresh 100 MB
-# activation costs ~30 ms of 4 KiB page faults otherwise, for dense and sparse alike. The recipes set it too.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# No THP_MEM_ALLOC_ENABLE here: importing sparse_nlp asks torch for huge pages (kernels/huge_pages.py), so this
+# script times what a plain user script gets.
 
 import torch
 import torch.nn.functional as F
 
 from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, resolve_backend
+from sparse_nlp.kernels.huge_pages import huge_page_status
 from sparse_nlp.kernels.native_build import load_native, native_unavailable_reason
 
 # The targets this benchmark checks (forward+backward vs dense, block 64): (device, dtype, shapes, density, ratio).
@@ -179,7 +179,7 @@ def main() -> None:
         print(line)
     if args.output:
         meta = {"device": str(device), "dtype": str(dtype), "tokens": args.tokens, "threads": torch.get_num_threads(),
-                "repeats": repeats, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"), "torch": torch.__version__}
+                "repeats": repeats, "huge_pages": huge_page_status(), "torch": torch.__version__}
         with open(args.output, "w") as f:
             json.dump({**meta, "rows": records}, f, indent=1)
         print(f"wrote {args.output}")

@@ -29,9 +29,8 @@ import platform
 import statistics
 import time
 
-# Large CPU tensors on transparent huge pages (torch reads this once, at its first allocation): a fresh 100 MB
-# activation costs ~30 ms of 4 KiB page faults otherwise, for dense and sparse alike. The recipes set it too.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# No THP_MEM_ALLOC_ENABLE here: importing sparse_nlp asks torch for huge pages (kernels/huge_pages.py), so this
+# script times what a plain user script gets.
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -40,6 +39,7 @@ from transformers.utils import logging as hf_logging
 import torch.distributed as dist
 
 from sparse_nlp import SparsityController, sparse_layers, sparsify
+from sparse_nlp.kernels.huge_pages import huge_page_status
 from sparse_nlp.distributed import (NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp,
                                    is_distributed)
 
@@ -193,15 +193,16 @@ def main(argv=None) -> dict:
             "samples": variant.tokens_per_second, "updates_timed": variant.updates,
             "memory_vs_dense": variant.sparse_memory_ratio() if variant.density is not None else 1.0,
         })
+    huge_pages = huge_page_status() if device.type == "cpu" else None
     result = {"args": vars(args), "device": str(device), "machine": machine, "torch": torch.__version__,
-              "processes": world, "rows": rows}
+              "processes": world, "huge_pages": huge_pages, "rows": rows}
     if world > 1:
         dist.destroy_process_group()
         if int(os.environ.get("RANK", "0")) != 0:
             return result
     print(f"\nGPT-2 width {args.d_model}, {args.layers} layers, vocab {args.vocab}, dropout {args.dropout}, "
           f"{args.batch}x{args.seq_len} tokens per step and process, AdamW, {device} ({machine}); median of {args.rounds} full cycles of {args.cycle} steps "
-          f"(dense dW in {args.window}, topology update at the end), interleaved\n")
+          f"(dense dW in {args.window}, topology update at the end), interleaved" + (f"; {huge_pages}" if huge_pages else "") + "\n")
     header = "| variant | " + " | ".join(f"{p} tokens/s | {p} vs dense" for p in args.precisions)
     print(header + " | sparse layers' weights + Adam state vs dense |")
     print("| --- | " + " | ".join("---: | ---:" for _ in args.precisions) + " | ---: |")

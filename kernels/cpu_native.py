@@ -22,7 +22,7 @@ from .output_pool import OutputPool
 
 NATIVE_DTYPES = (torch.float32,)
 SDD_ROWS = 256  # cpu_kernels.c's SDD_ROWS: the dW split between threads falls on its chunks
-OUTPUTS = OutputPool()  # Y and dX of this process's native products: recycled, not faulted in afresh each time
+OUTPUTS = OutputPool()  # Y, dX, dW and scratch of this process's native products: recycled, not faulted in afresh
 
 
 def available() -> bool:
@@ -77,7 +77,7 @@ def _dds_tasks(a, b, transpose_b, bias) -> tuple[torch.Tensor, list[Callable[[],
     else:  # output block j = block-column j of W: its blocks as they are, column-major order
         perm, offsets, inputs = layout.transpose_perm, layout.col_offsets, layout.transpose_row_indices
         n_out = layout.block_shape[1]
-    stack = torch.empty_like(v)  # the blocks in the order and tile layout the kernel reads
+    stack = OUTPUTS.empty(tuple(v.shape), v.dtype, v.device)  # the blocks in the order and tile layout the kernel reads
     lib.sparse_nlp_pack_blocks(_ptr(v), None if perm is None else _ptr(perm), v.shape[0], blk, int(transpose_b),
                                _ptr(stack))
     a = _rows(a)
@@ -109,11 +109,11 @@ def _sdd_tasks(a, b, layout) -> tuple[torch.Tensor, list[Callable[[], None]], Ca
     blk = layout.block_size
     g, x = _rows(a.t()), _rows(b)  # g = dY [M, N]
     m = x.shape[0]
-    values = torch.empty(layout.num_blocks, blk, blk, dtype=a.dtype, device=a.device)
+    values = OUTPUTS.empty((layout.num_blocks, blk, blk), a.dtype, a.device)  # dW: recycled once its grad is freed
     chunks = max(1, math.ceil(m / SDD_ROWS))
     parts = max(1, min(torch.get_num_threads(), chunks))
     bounds = [min(m, round(p * chunks / parts) * SDD_ROWS) for p in range(parts + 1)]
-    partials = [values] + [torch.empty_like(values) for _ in range(parts - 1)]
+    partials = [values] + [OUTPUTS.empty(tuple(values.shape), values.dtype, values.device) for _ in range(parts - 1)]
     offsets, cols = layout.row_offsets, layout.col_indices
 
     def part(p: int) -> None:
