@@ -68,7 +68,7 @@ def huge_pages_possible() -> bool:
 def empty_on_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """torch.empty(numel, dtype=dtype) on the CPU, 2 MiB-aligned and advised for huge pages when it spans at least
     one huge page and huge pages are possible; a plain torch.empty otherwise. Its pages are not touched here."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     nbytes = numel * itemsize
     if nbytes < HUGE_PAGE or not huge_pages_possible():
         return torch.empty(numel, dtype=dtype)
