@@ -55,7 +55,8 @@ def _timer(device: torch.device):
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: do_bench(fn, warmup=5, rep=25, return_mode="median") / 1e3  # 25 ms: 50+ calls of one op even at M = 32,768
+        # rep=25 ms: 50+ calls of one op even at M = 32,768
+        return lambda fn: do_bench(fn, warmup=5, rep=25, return_mode="median") / 1e3
 
     def cpu_time(fn):
         t0 = time.perf_counter()
@@ -171,7 +172,8 @@ def _op_cases(x, dy, w_dense, bias, w_sparse, backend) -> dict[str, tuple]:
     """(cuBLAS, ours) closures of each product alone, on tensors that need no grad: what the autograd layer calls."""
     layout = w_sparse.layout
     return {
-        "fwd": (lambda: F.linear(x, w_dense, bias), lambda: dds(x, w_sparse, transpose_b=True, bias=bias, backend=backend)),
+        "fwd": (lambda: F.linear(x, w_dense, bias),
+                lambda: dds(x, w_sparse, transpose_b=True, bias=bias, backend=backend)),
         "dX": (lambda: dy @ w_dense, lambda: dds(dy, w_sparse, transpose_b=False, backend=backend)),
         "dW": (lambda: dy.t() @ x, lambda: sdd(dy.t(), x, layout, backend=backend)),
     }
@@ -182,7 +184,8 @@ def gpu_table(args, device, dtype, tokens, shapes, blocks, densities, repeats, t
     gen = torch.Generator().manual_seed(0)
     size = torch.empty((), dtype=dtype).element_size()
     head = ["M", "in->out", "b", "density", "op", "cuBLAS ms", "its floor ms", "cuBLAS % of floor", "ours ms",
-            "our floor ms", "ours % of floor", "ours vs cuBLAS"] + (["bsr_dense_mm ms"] if args.bsr else []) + ["backend"]
+            "our floor ms", "ours % of floor", "ours vs cuBLAS"]
+    head += (["bsr_dense_mm ms"] if args.bsr else []) + ["backend"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     records = []
@@ -218,7 +221,8 @@ def gpu_table(args, device, dtype, tokens, shapes, blocks, densities, repeats, t
                                        f"{key}_ours_pct": percent_of_floor(to, fo)})
                         cells = [f"{m:,}", f"{k}->{n}", str(b), f"{layout.density:.2f}", name,
                                  f"{td * 1e3:.3f}", f"{fd * 1e3:.3f}", f"{percent_of_floor(td, fd):.0f}%",
-                                 f"{to * 1e3:.3f}", f"{fo * 1e3:.3f}", f"{percent_of_floor(to, fo):.0f}%", f"{td / to:.2f}x"]
+                                 f"{to * 1e3:.3f}", f"{fo * 1e3:.3f}", f"{percent_of_floor(to, fo):.0f}%",
+                                 f"{td / to:.2f}x"]
                         if args.bsr:
                             record["bsr_fwd_s"] = times[-1]
                             cells.append(f"{times[-1] * 1e3:.3f}" if key == "fwd" else "")
@@ -257,7 +261,8 @@ def floor_target_lines(records: list[dict]) -> list[str]:
     verdict = "met" if worst_pct >= pct else "MISSED"
     return [f"target: fwd, dX and dW >= {pct:g}% of the floor at M={m:,}, blocks {'/'.join(map(str, blocks))}, "
             f"densities {'/'.join(map(str, densities))}, {', '.join(f'{k}->{n}' for k, n in CUDA_SHAPES)}: worst "
-            f"{worst_pct:.0f}% ({name} of {r['in']}->{r['out']}, block {r['block']}, density {r['density']:.2f}), {verdict}"]
+            f"{worst_pct:.0f}% ({name} of {r['in']}->{r['out']}, block {r['block']}, density {r['density']:.2f}), "
+            f"{verdict}"]
 
 
 def main() -> None:
