@@ -6,6 +6,7 @@ import torch
 from kernel_cases import make_case, make_layout
 
 from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, dds, sdd
+from sparse_nlp.kernels.launchers import interpreting
 
 
 def test_layout_indices_and_transposed_order():
@@ -73,7 +74,11 @@ def test_bad_inputs_raise_one_line_value_errors():
     _one_line_value_error(lambda: sdd(dy.t(), x.half(), w.layout), "make them match")
     _one_line_value_error(lambda: sdd(dy.t()[:32], x, w.layout), "does not give the layout's shape")
     _one_line_value_error(lambda: block_sparse_linear(x, w.to_dense()), "must be a BlockSparseMatrix")
-    _one_line_value_error(
-        lambda: dds(x.double(), BlockSparseMatrix(w.values.double(), w.layout), True, backend="triton"),
-        "backend='triton' supports",
-    )
+    # The device check comes before the dtype check: Triton takes CPU tensors only under the interpreter (the suite
+    # without a GPU); with a GPU, CPU tensors get the device message and the dtype message is checked on CUDA tensors.
+    w64 = BlockSparseMatrix(w.values.double(), w.layout)
+    on_cpu = "backend='triton' supports" if interpreting() else "backend='triton' got cpu tensors"
+    _one_line_value_error(lambda: dds(x.double(), w64, True, backend="triton"), on_cpu)
+    if torch.cuda.is_available():
+        w64_cuda, x64_cuda = w64.to("cuda"), x.double().cuda()
+        _one_line_value_error(lambda: dds(x64_cuda, w64_cuda, True, backend="triton"), "backend='triton' supports")
