@@ -51,7 +51,7 @@ from sparse_nlp.lm.evaluation import concatenate_token_ids, evaluate_perplexity
 from sparse_nlp.lm.machine_load import OtherLoad
 from sparse_nlp.lm.plots import write_training_plot
 from sparse_nlp.lm.sequence_length import check_corpus_fits, check_memory_fits, count_parameters_of
-from sparse_nlp.lm.speed import measure_kernel_speedup
+from sparse_nlp.lm.speed import kernel_speed_settings, measure_kernel_speedup
 from sparse_nlp.lm.reporting import (
     RunResult,
     count_parameters,
@@ -400,8 +400,11 @@ def kernel_speed_note(model_args, sparsity: SparsityConfig, training_args, token
         return None
     block_size = sparsity.block_size if sparsity.block_size > 1 else 64
     model = build_model(model_args, tokenizer).to(training_args.device)
-    tokens = training_args.per_device_train_batch_size * model_args.seq_length
-    speed = measure_kernel_speedup(model, tokens, density=sparsity.density, block_size=block_size, repeats=7)
+    tokens, dtype = kernel_speed_settings(training_args.device,
+                                          training_args.per_device_train_batch_size * model_args.seq_length,
+                                          bf16=training_args.bf16, fp16=training_args.fp16)
+    speed = measure_kernel_speedup(model, tokens, density=sparsity.density, block_size=block_size, repeats=7,
+                                   dtype=dtype)
     return speed.describe() if speed is not None else None
 
 

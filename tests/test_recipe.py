@@ -202,6 +202,21 @@ def test_bf16_by_default_only_where_it_is_fast_and_never_over_the_users_choice(m
     assert train_lm.with_default_precision(["--max_steps", "5"]) == ["--max_steps", "5"]
 
 
+@pytest.mark.parametrize("device, bf16, expected", [("cuda", True, (8192, torch.bfloat16)),
+                                                    ("cpu", True, (16 * 32, torch.float32))])
+def test_kernel_line_times_the_training_dtype_at_8192_rows_or_more_on_a_gpu(monkeypatch, device, bf16, expected):
+    from types import SimpleNamespace
+
+    timed = {}
+    monkeypatch.setattr(train_lm, "build_model", lambda model_args, tokenizer: torch.nn.Identity())
+    monkeypatch.setattr(train_lm, "measure_kernel_speedup",
+                        lambda model, tokens, dtype, **kwargs: timed.update(tokens=tokens, dtype=dtype))
+    sparsity = train_lm.SparsityConfig(density=0.2, block_size=64)
+    training_args = SimpleNamespace(device=torch.device(device), per_device_train_batch_size=16, bf16=bf16, fp16=False)
+    assert train_lm.kernel_speed_note(SimpleNamespace(seq_length=32), sparsity, training_args, None) is None
+    assert (timed["tokens"], timed["dtype"]) == expected
+
+
 def test_accelerate_launch_runs_the_recipe(text_files, tmp_path):
     train, valid, cache = text_files
     # The `accelerate` this interpreter installed (its venv may not be on PATH), as a user's shell would find it.

@@ -3,6 +3,10 @@
 The default sparse run masks weights of a dense layer (fine-grained sparsity saves no compute), so its tokens/s
 cannot show what sparsity buys; this measures it in a few seconds, interleaved and with medians, on the shapes the
 model has: forward + backward of every sparse-able linear layer, dense vs block-sparse at the same density.
+
+On a GPU it times what training runs there: the run's autocast dtype (bf16/fp16) at no fewer than 8,192 rows, since
+below that a layer's time is launches and host work, not the kernels (docs/kernels.md); triton's do_bench, which
+synchronises, does the timing. On CPU: fp32 (the native kernels' dtype) at the run's rows per step.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +46,37 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return tuple(module.weight.shape)  # transformers' Conv1D stores [in, out]
 
 
-def _median_seconds(fns, repeats: int) -> list[float]:
+GPU_MIN_TOKENS = 8192  # rows below which a GPU times host work and launches rather than the kernels
+
+
+def kernel_speed_settings(
+    device: Union[str, torch.device], tokens: int, bf16: bool = False, fp16: bool = False
+) -> tuple[int, torch.dtype]:
+    """(rows, dtype) the kernel line times for a run on `device` with `tokens` rows a step: on CUDA the training
+    dtype at >= GPU_MIN_TOKENS rows, on CPU fp32 (the native kernels' dtype) at the run's own rows."""
+    if torch.device(device).type != "cuda":
+        return tokens, torch.float32
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    return max(tokens, GPU_MIN_TOKENS), dtype
+
+
+def _seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":  # kernels run asynchronously: do_bench synchronises and times on the device
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=25, return_mode="median") / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median_seconds(fns, repeats: int, device: torch.device = torch.device("cpu")) -> list[float]:
     for fn in fns:  # warm-up
         fn()
     samples = [[] for _ in fns]
     for _ in range(repeats):  # interleaved, so load on the machine hits both alike
         for s, fn in zip(samples, fns):
-            start = time.perf_counter()
-            fn()
-            s.append(time.perf_counter() - start)
+            s.append(_seconds(fn, device))
     return [statistics.median(s) for s in samples]
 
 
@@ -83,7 +109,7 @@ def measure_kernel_speedup(
         def sparse_step():
             torch.autograd.grad(block_sparse_linear(x, sparse, bias), (x, values, bias), grad)
 
-        dense_s, sparse_s = _median_seconds([dense_step, sparse_step], repeats)
+        dense_s, sparse_s = _median_seconds([dense_step, sparse_step], repeats, device)
         dense_total += count * dense_s
         sparse_total += count * sparse_s
     return KernelSpeed(dense_total / sparse_total, density, block_size, tokens, dtype, "/".join(sorted(backends)))
