@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -289,7 +290,8 @@ def main(argv=None) -> dict:
     for name, shape, densities in plan:
         rows += time_model(args, device, name, shape, densities, rank0)
         if device.type == "cuda":
-            torch.cuda.empty_cache()  # this model's variants are gone; the next one gets the memory
+            gc.collect()  # this model's variants (their hooks hold reference cycles) are gone: the next gets the memory
+            torch.cuda.empty_cache()
 
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
