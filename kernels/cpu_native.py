@@ -9,8 +9,10 @@ Operands need unit column stride (rows may be padded); other strides are copied 
 """
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -21,6 +23,7 @@ from .native_build import load_native, native_unavailable_reason
 from .output_pool import OutputPool
 
 NATIVE_DTYPES = (torch.float32,)
+SPLIT_OUTPUTS_MAX_ROWS = 64  # dds of at most this many rows splits its output blocks between threads
 SDD_ROWS = 256  # cpu_kernels.c's SDD_ROWS: the dW split between threads falls on its chunks
 OUTPUTS = OutputPool()  # Y, dX, dW and scratch of this process's native products: recycled, not faulted in afresh
 
@@ -63,37 +66,95 @@ def _checked(status: int) -> None:
 
 def dds(a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a [M, *] @ (b^T if transpose_b else b) (+ bias), fp32, on live blocks only."""
-    out, tasks = _dds_tasks(a, b, transpose_b, bias)
+    out, tasks = _dds_tasks(a, b, transpose_b, bias, split_outputs=True)
     cpu.run_tasks(tasks, a.device, blas=False)
     return out
 
 
-def _dds_tasks(a, b, transpose_b, bias) -> tuple[torch.Tensor, list[Callable[[], None]]]:
+def _dds_tasks(a, b, transpose_b, bias, split_outputs: bool = False) -> tuple[torch.Tensor, list[Callable[[], None]]]:
+    """The product as tasks for cpu.run_tasks: chunks of cpu.M_CHUNK rows. split_outputs: a product of at most
+    SPLIT_OUTPUTS_MAX_ROWS rows, called from the caller's thread, is one task that splits the output blocks between
+    OpenMP threads instead (decoding: one chunk of rows would otherwise keep one core busy)."""
     lib = load_native()
     layout, blk = b.layout, b.layout.block_size
-    v = b.values.detach().contiguous()
     if transpose_b:  # output block i = block-row i of W: its blocks transposed, row-major order
-        perm, offsets, inputs, n_out = None, layout.row_offsets, layout.col_indices, layout.block_shape[0]
+        offsets, inputs, n_out = layout.row_offsets, layout.col_indices, layout.block_shape[0]
+        stack = _packed_forward_weights(lib, b)
     else:  # output block j = block-column j of W: its blocks as they are, column-major order
-        perm, offsets, inputs = layout.transpose_perm, layout.col_offsets, layout.transpose_row_indices
-        n_out = layout.block_shape[1]
-    stack = OUTPUTS.empty(tuple(v.shape), v.dtype, v.device)  # the blocks in the order and tile layout the kernel reads
-    lib.sparse_nlp_pack_blocks(_ptr(v), None if perm is None else _ptr(perm), v.shape[0], blk, int(transpose_b),
-                               _ptr(stack))
+        offsets, inputs, n_out = layout.col_offsets, layout.transpose_row_indices, layout.block_shape[1]
+        v = b.values.detach().contiguous()
+        stack = OUTPUTS.empty(tuple(v.shape), v.dtype, v.device)  # the blocks in the kernel's order and tile layout
+        lib.sparse_nlp_pack_blocks(_ptr(v), _ptr(layout.transpose_perm), v.shape[0], blk, 0, _ptr(stack))
     a = _rows(a)
     bias = None if bias is None else bias.detach().contiguous()
     m, lda = a.shape[0], a.stride(0)
     out = OUTPUTS.empty((m, n_out * blk), a.dtype, a.device)
     ldc = out.stride(0)
+    bias_ptr = None if bias is None else _ptr(bias)
+    threads = torch.get_num_threads()
+    if split_outputs and 0 < m <= SPLIT_OUTPUTS_MAX_ROWS and threads > 1 and lib.sparse_nlp_openmp():
+        bounds = _output_splits(layout, transpose_b, min(threads, n_out))
+
+        def split() -> None:
+            _checked(lib.sparse_nlp_dds_f32_split(
+                _ptr(a), lda, m, _ptr(stack), _ptr(offsets), _ptr(inputs), blk, bias_ptr, _ptr(out), ldc,
+                _ptr(bounds), bounds.numel() - 1,
+            ))
+
+        return out, [split]
 
     def chunk(m0: int) -> None:
         rows = min(cpu.M_CHUNK, m - m0)
         _checked(lib.sparse_nlp_dds_f32(
-            _ptr(a, m0 * lda), lda, rows, _ptr(stack), _ptr(offsets), _ptr(inputs), n_out, blk,
-            None if bias is None else _ptr(bias), _ptr(out, m0 * ldc), ldc,
+            _ptr(a, m0 * lda), lda, rows, _ptr(stack), _ptr(offsets), _ptr(inputs), n_out, blk, bias_ptr,
+            _ptr(out, m0 * ldc), ldc,
         ))
 
     return out, [lambda m0=m0: chunk(m0) for m0 in range(0, m, cpu.M_CHUNK)]
+
+
+def _output_splits(layout: BlockSparseLayout, transpose_b: bool, parts: int) -> torch.Tensor:
+    """int32 output-block boundaries [0, ..., n_out] cutting the live blocks into at most `parts` nearly equal
+    shares; computed once per layout, direction and part count."""
+    cache = layout.kernel_cache.setdefault("native_output_splits", {})
+    key = (transpose_b, parts)
+    if key not in cache:
+        offsets = (layout.row_offsets if transpose_b else layout.col_offsets).tolist()
+        total, n_out = offsets[-1], len(offsets) - 1
+        cuts = {bisect.bisect_left(offsets, round(p * total / parts)) for p in range(1, parts)}
+        bounds = sorted({0, n_out, *(min(max(c, 0), n_out) for c in cuts)})
+        cache[key] = torch.tensor(bounds, dtype=torch.int32)
+    return cache[key]
+
+
+def _packed_forward_weights(lib, b: BlockSparseMatrix) -> torch.Tensor:
+    """W's live blocks transposed, in the forward kernel's tile layout, kept on the layout and repacked only when
+    the values changed (another tensor, or an in-place change: its version counter moved). Decoding calls the
+    forward once per token with the same weights: it then reads the weights once, instead of copying them first
+    (the copy cost more than the product at M = 1). In training every step repacks, into the same buffer."""
+    values = b.values
+    cache = b.layout.kernel_cache
+    entry = cache.get("native_forward_pack")
+    fresh = (entry is not None and entry.source.data_ptr() == values.data_ptr()
+             and entry.version == values._version and entry.stack.shape == values.shape
+             and entry.stack.dtype == values.dtype)
+    if fresh:
+        return entry.stack
+    v = values.detach().contiguous()
+    stack = entry.stack if entry is not None and entry.stack.shape == v.shape and entry.stack.dtype == v.dtype \
+        else torch.empty_like(v)
+    lib.sparse_nlp_pack_blocks(_ptr(v), None, v.shape[0], b.layout.block_size, 1, _ptr(stack))
+    # A detached alias keeps the packed values' storage alive, so no other tensor can take its address while the
+    # entry is checked against it; it holds no reference to the parameter itself (swap_tensors still works).
+    cache["native_forward_pack"] = _Packed(stack=stack, source=values.detach(), version=values._version)
+    return stack
+
+
+@dataclass
+class _Packed:
+    stack: torch.Tensor
+    source: torch.Tensor
+    version: int
 
 
 def sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> BlockSparseMatrix:

@@ -144,6 +144,12 @@ class BlockSparseLayout:
         """Python-side copy of the indices, built once, for the CPU path's per-block-row loops."""
         return HostPlan(self)
 
+    @cached_property
+    def kernel_cache(self) -> dict:
+        """What a backend derives from this layout (and its weights) once rather than per call, e.g. the native
+        kernels' packed weights; it lives and dies with the layout, which a topology change replaces."""
+        return {}
+
     def __repr__(self) -> str:
         return (
             f"BlockSparseLayout(shape={self.shape}, block_size={self.block_size}, "
