@@ -1,0 +1,181 @@
+"""Generation speed: dense vs block-sparse GPT-2 `model.generate` (greedy, KV cache on), side by side.
+
+    python benchmarks/bench_generate.py                              # CPU, fp32: batch 1 and 8, density 0.2 / 0.1
+    python benchmarks/bench_generate.py --device cuda                # on a GPU (bf16 there by default)
+    python benchmarks/bench_generate.py --json out.json              # also write the results
+
+The model is GPT-2 width 768 x 6 layers, vocab 8,192 (random weights: speed does not depend on them), the prompt 32
+tokens, 64 new tokens. Each sparse model is sparsified at block 64 with every linear layer but the LM head
+block-sparse, as a trained model loaded for serving would be (`sparse_nlp.serving.block_sparse_for_serving`).
+
+Timed per `generate` call through a streamer, as a user sees it: first-token latency (the prompt's forward and the
+first token's choice) and decode tokens/s over the remaining tokens (batch x 63 tokens / their time). Variants run
+interleaved (dense, sparse 0.2, sparse 0.1, dense, ...) after a warm-up call each, and medians over rounds are
+reported. The targets of issue 22 are printed as met or missed: on CPU, density 0.1, batch 1 >= 2.5x and batch 8
+>= 3x dense decode tokens/s; on CUDA batch 1 >= 2x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as hf_logging
+
+from sparse_nlp.serving import block_sparse_for_serving
+from sparse_nlp.sparsify import sparsify, unsparsify
+
+# (device type, density, batch, decode tokens/s vs dense)
+TARGETS = [("cpu", 0.1, 1, 2.5), ("cpu", 0.1, 8, 3.0), ("cuda", 0.1, 1, 2.0)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TokenClock(BaseStreamer):
+    """Records when generate hands over the prompt and each new token (it moves them to the CPU first, so on CUDA
+    each time stamp follows the token's computation)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def build_dense(args) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=args.d_model, n_layer=args.layers, n_head=args.heads, vocab_size=args.vocab,
+                        n_positions=args.prompt + args.new_tokens, bos_token_id=0, eos_token_id=0,
+                        pad_token_id=0, activation_function="gelu_pytorch_tanh")
+    return GPT2LMHeadModel(config).eval()
+
+
+def build_sparse(args, density: float) -> GPT2LMHeadModel:
+    """A model whose linear layers hold zeros outside a random block-64 topology, loaded the way a trained and
+    exported (unsparsified) model is: the zeros say which blocks are live."""
+    model = sparsify(build_dense(args), density=density, block_size=args.block_size)
+    unsparsify(model)  # a plain model with zero blocks, as save_pretrained would have written it
+    return block_sparse_for_serving(model, block_size=args.block_size).eval()
+
+
+def time_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(first-token latency s, decode tokens/s) of one greedy generate call."""
+    clock = TokenClock()
+    with torch.inference_mode():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, use_cache=True, streamer=clock)
+    start, first, last = clock.times[0], clock.times[1], clock.times[-1]
+    decoded = prompt.shape[0] * (len(clock.times) - 2)
+    return first - start, decoded / (last - first)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    variants = {"dense": build_dense(args)}
+    for density in args.densities:
+        variants[f"block {args.block_size}, density {density}"] = build_sparse(args, density)
+    for model in variants.values():
+        model.to(device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for batch in args.batches:
+        prompt = torch.randint(1, args.vocab, (batch, args.prompt), generator=generator).to(device)
+        for model in variants.values():  # warm-up: kernels built, caches filled
+            time_generate(model, prompt, args.new_tokens)
+        samples = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, model in variants.items():
+                samples[name].append(time_generate(model, prompt, args.new_tokens))
+        dense_rate = statistics.median(s[1] for s in samples["dense"])
+        for name, runs in samples.items():
+            rate = statistics.median(s[1] for s in runs)
+            results.append({
+                "batch": batch, "variant": name,
+                "density": None if name == "dense" else float(name.rsplit(" ", 1)[1]),
+                "first_token_ms": 1e3 * statistics.median(s[0] for s in runs),
+                "decode_tokens_per_s": rate, "vs_dense": rate / dense_rate,
+            })
+    return {"device": device_name(device), "dtype": args.dtype, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "args": vars(args), "results": results,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def target_lines(report: dict) -> list[str]:
+    device_type = "cuda" if "cuda" in report["args"]["device"] else "cpu"
+    lines = []
+    for target_device, density, batch, ratio in TARGETS:
+        if target_device != device_type:
+            continue
+        rows = [r for r in report["results"] if r["density"] == density and r["batch"] == batch]
+        if not rows:
+            lines.append(f"target batch {batch}, density {density}: >= {ratio}x dense decode tokens/s: NOT RUN")
+            continue
+        got = rows[0]["vs_dense"]
+        lines.append(f"target batch {batch}, density {density}: >= {ratio}x dense decode tokens/s: "
+                     f"{got:.2f}x, {'MET' if got >= ratio else 'MISSED'}")
+    return lines
+
+
+def print_report(report: dict) -> None:
+    print(f"{report['device']}, {report['dtype']}, torch {report['torch']}; "
+          f"prompt {report['args']['prompt']}, {report['args']['new_tokens']} new tokens, greedy, KV cache")
+    print("| batch | model | first token ms | decode tokens/s | vs dense |")
+    print("|---|---|---|---|---|")
+    for r in report["results"]:
+        print(f"| {r['batch']} | {r['variant']} | {r['first_token_ms']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+              f"{r['vs_dense']:.2f}x |")
+    for line in target_lines(report):
+        print(line)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.1])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--d_model", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", default=None, help="write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    hf_logging.set_verbosity_error()
+    report = run(args)
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
