@@ -50,7 +50,7 @@ from sparse_nlp.lm.data import group_token_counts, load_text_dataset, pack_into_
 from sparse_nlp.lm.evaluation import concatenate_token_ids, evaluate_perplexity
 from sparse_nlp.lm.machine_load import OtherLoad
 from sparse_nlp.lm.plots import write_training_plot
-from sparse_nlp.lm.sequence_length import check_corpus_fits, check_memory_fits, count_parameters_of
+from sparse_nlp.lm.sequence_length import check_corpus_fits, check_model_fits, check_model_takes_data, sequences_needed
 from sparse_nlp.lm.speed import kernel_speed_settings, measure_kernel_speedup
 from sparse_nlp.lm.reporting import (
     RunResult,
@@ -247,20 +247,11 @@ def build_model(model_args: ModelArguments, tokenizer) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
     else:
         model = AutoModelForCausalLM.from_config(new_model_config(model_args, tokenizer))
-    check_model_takes_data(model_args, model.config, tokenizer, model.get_input_embeddings().num_embeddings)
+    check_model_takes_data(model.config, len(tokenizer), model.get_input_embeddings().num_embeddings,
+                           model_args.seq_length, model_args.model_name_or_path)
     if getattr(model, "loss_type", None) is None:  # class names like GPT2LMHeadModel do not tell transformers
         model.loss_type = "ForCausalLM"
     return model
-
-
-def check_model_takes_data(model_args: ModelArguments, config, tokenizer, embedded: int) -> None:
-    """The tokenizer's ids must have embeddings (`embedded` of them) and --seq_length must have positions."""
-    if len(tokenizer) > embedded:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {model_args.model_name_or_path} embeds "
-                         f"{embedded}; use the model's own tokenizer.")
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if positions is not None and model_args.seq_length > positions:
-        raise ValueError(f"--seq_length {model_args.seq_length} is longer than the model's {positions} positions.")
 
 
 def model_config(model_args: ModelArguments, tokenizer):
@@ -268,21 +259,6 @@ def model_config(model_args: ModelArguments, tokenizer):
     if model_args.model_name_or_path:
         return AutoConfig.from_pretrained(model_args.model_name_or_path)
     return new_model_config(model_args, tokenizer)
-
-
-def check_model_fits(model_args: ModelArguments, training_args: TrainingArguments, tokenizer) -> None:
-    """build_model's checks and the memory a training step at --seq_length needs, before any weight is allocated."""
-    config = model_config(model_args, tokenizer)
-    check_model_takes_data(model_args, config, tokenizer, config.get_text_config().vocab_size)
-    parameters = count_parameters_of(config)  # on the meta device
-    check_memory_fits(model_args.seq_length, config, parameters, training_args.per_device_train_batch_size,
-                      training_args.device)
-
-
-def sequences_needed(training_args: TrainingArguments, splits) -> dict[str, int]:
-    """Packed sequences each split must give: one optimizer step's batch for training, one window to score."""
-    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    return {split: batch * training_args.world_size if split == "train" else 1 for split in splits}
 
 
 def new_model_config(model_args: ModelArguments, tokenizer):
@@ -312,13 +288,16 @@ def prepare_data(model_args: ModelArguments, data_args: DataArguments, training_
             model_args.tokenizer_name or model_args.model_name_or_path, train_split=raw["train"],
             vocab_size=model_args.vocab_size, cache_dir=data_args.data_cache_dir,
         )
-        check_model_fits(model_args, training_args, tokenizer)
+        # build_model's checks and the memory a step needs, before any weight is allocated
+        check_model_fits(model_config(model_args, tokenizer), len(tokenizer), model_args.seq_length,
+                         training_args.per_device_train_batch_size, training_args.device, model_args.model_name_or_path)
         embedded = data_args.dataset_name is None and data_args.train_file is None
         append_eos = embedded if data_args.append_eos is None else data_args.append_eos
         workers = data_args.preprocessing_num_workers
         tokenized = tokenize_texts(raw, tokenizer, append_eos=append_eos, num_proc=workers)
+        batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         check_corpus_fits(model_args.seq_length, group_token_counts(tokenized, num_proc=workers),
-                          sequences_needed(training_args, tokenized))
+                          sequences_needed(batch, training_args.world_size, tokenized))
         blocks = pack_into_blocks(tokenized, model_args.seq_length, num_proc=workers)
     return blocks, tokenizer
 

@@ -21,9 +21,12 @@ from sparse_nlp.lm.sequence_length import (
     SequenceLengthError,
     check_corpus_fits,
     check_memory_fits,
+    check_model_fits,
+    check_model_takes_data,
     count_parameters_of,
     largest_length,
     packed_blocks,
+    sequences_needed,
     training_memory_bytes,
 )
 
@@ -126,3 +129,19 @@ def test_memory_check_reads_this_machines_memory():
         check_memory_fits(2**25, config, 0, 2**12, torch.device("cpu"))
     free = float(re.search(r"the cpu has ([\d,.]+) GiB free", str(error.value)).group(1).replace(",", ""))
     assert 0 < free < 2**20
+
+
+def test_model_must_embed_the_tokenizers_ids_and_have_the_positions():
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64)
+    check_model_takes_data(config, vocabulary=300, embedded=300, seq_length=64)
+    with pytest.raises(ValueError, match="tokenizer has 301 tokens but gpt2-tiny embeds 300; use the model's own"):
+        check_model_takes_data(config, 301, 300, 64, model_name="gpt2-tiny")
+    with pytest.raises(ValueError, match="--seq_length 65 is longer than the model's 64 positions"):
+        check_model_takes_data(config, 300, 300, 65)
+    with pytest.raises(ValueError, match="but the model embeds 300"):  # a new model has no name
+        check_model_fits(config, 301, 64, 2, torch.device("cpu"))
+    check_model_fits(config, 300, 64, 2, torch.device("cpu"))  # a tiny model fits any machine
+
+
+def test_training_needs_one_steps_batch_on_every_process_and_the_others_one_window():
+    assert sequences_needed(8 * 2, 3, ["train", "validation", "test"]) == {"train": 48, "validation": 1, "test": 1}

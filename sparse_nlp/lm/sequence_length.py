@@ -2,6 +2,7 @@
 
     check_memory_fits(seq_length, config, count_parameters_of(config), batch_size, device)   # before any weight exists
     check_corpus_fits(seq_length, group_token_counts(tokenized), {"train": 12, "validation": 1})  # before packing
+    check_model_fits(config, len(tokenizer), seq_length, batch_size, device)  # the tokenizer's ids, then memory
 
 A typo such as --seq_length 100000 otherwise builds a 100,000-position model that sits at step 0 for many minutes
 (or swaps, or is killed) without a word.
@@ -129,6 +130,32 @@ def check_memory_fits(seq_length: int, config, parameters: int, batch_size: int,
     raise SequenceLengthError(f"--seq_length {seq_length} does not fit in memory: a training step of {batch_size} "
                               f"sequences of {seq_length} tokens needs about {needed / 2**30:,.1f} GiB, the "
                               f"{device.type} has {available / 2**30:,.1f} GiB free; {advice}.")
+
+
+def check_model_takes_data(config, vocabulary: int, embedded: int, seq_length: int,
+                           model_name: Optional[str] = None) -> None:
+    """A tokenizer of `vocabulary` ids needs as many embeddings (the model has `embedded`), and `seq_length` needs
+    positions; ValueError in one line otherwise."""
+    if vocabulary > embedded:
+        raise ValueError(f"tokenizer has {vocabulary} tokens but {model_name or 'the model'} embeds {embedded}; "
+                         "use the model's own tokenizer.")
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions is not None and seq_length > positions:
+        raise ValueError(f"--seq_length {seq_length} is longer than the model's {positions} positions.")
+
+
+def check_model_fits(config, vocabulary: int, seq_length: int, batch_size: int, device: torch.device,
+                     model_name: Optional[str] = None) -> None:
+    """check_model_takes_data on `config`'s own vocabulary size, and the memory a training step of `batch_size`
+    sequences of `seq_length` needs (check_memory_fits), before any weight is allocated."""
+    check_model_takes_data(config, vocabulary, config.get_text_config().vocab_size, seq_length, model_name)
+    check_memory_fits(seq_length, config, count_parameters_of(config), batch_size, device)  # parameters on meta
+
+
+def sequences_needed(batch_size: int, world_size: int, splits) -> dict[str, int]:
+    """Packed sequences each split must give: one optimizer step's batch on every process for training
+    (`batch_size` per process, gradient accumulation included), one window to score for the others."""
+    return {split: batch_size * world_size if split == "train" else 1 for split in splits}
 
 
 def count_parameters_of(config) -> int:
