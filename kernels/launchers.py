@@ -22,6 +22,14 @@ def _kernels():
     return triton_kernels
 
 
+def _launch(kernel):
+    """`kernel` through torch.library.wrap_triton on a GPU, so that the triton_ops in custom_ops.py that call these
+    launchers stay traceable (in eager their triton_op calls the kernel directly); the kernel itself under the
+    interpreter (CPU tensors never reach wrap_triton there) and where torch has no wrap_triton."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    return kernel if wrap is None or interpreting() else wrap(kernel)
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     # The interpreter's bf16 (and fp16 dot) arithmetic is wrong: upcast right after tl.load there, never on GPU.
     return interpreting() and dtype != torch.float32
@@ -76,7 +84,7 @@ def _shared_memory_bytes(device: Optional[torch.device]) -> int:
 
 def _stages(tile_elems: int, dtype: torch.dtype, most: int, device: Optional[torch.device] = None) -> int:
     """Pipeline depth whose shared-memory buffers fit (fp32 at block 128: 2 stages on an H100, not 1)."""
-    per_stage = tile_elems * torch.tensor([], dtype=dtype).element_size()
+    per_stage = tile_elems * dtype.itemsize
     return max(1, min(most, _shared_memory_bytes(device) // per_stage))
 
 
@@ -117,7 +125,7 @@ def dds(
     kout = _kernel_out(out)
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias[n] at unit stride
-    _kernels().dds_kernel[grid](
+    _launch(_kernels().dds_kernel)[grid](
         a, v, kout, bias if bias is not None else kout,
         offsets, inner, perm,
         m,
@@ -173,7 +181,7 @@ def sdd(
         partial = torch.empty(splits, nnz, blk, blk, dtype=torch.float32, device=a.device)
     stride_os = 0 if splits == 1 else partial.stride(0)
     pstrides = partial.stride()[-3:]
-    _kernels().sdd_kernel[(nnz, splits)](
+    _launch(_kernels().sdd_kernel)[(nnz, splits)](
         a, b, partial,
         layout.row_indices, layout.col_indices,
         m, per_split,

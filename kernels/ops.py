@@ -13,7 +13,8 @@ Each checks its inputs (one-line ValueErrors) and dispatches to a backend:
     None      automatic: CUDA -> "triton" ("dense" for fp64 or a fully dense layout); CPU -> "native" for fp32
               where it builds, else "torch"; "dense" above NATIVE_DENSE_THRESHOLD / DENSE_THRESHOLD[block]
 
-These ops are not differentiable; `block_sparse_linear` (autograd.py) is.
+These ops are not differentiable; `block_sparse_linear` (autograd.py) is. Past the checks each calls its torch.library
+operator (custom_ops.py), which torch.compile traces without a graph break.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu, cpu_native
+from . import cpu_native, custom_ops
 from .layout import BlockSparseLayout, BlockSparseMatrix
 
 # CPU, per block size: above this density the masked-dense GEMM beats the blocked path, so "auto" switches to
@@ -128,15 +129,9 @@ def dds(
     check_bias(bias, n_out, b.dtype, b.device)
     backend = resolve_backend(backend, a.device, b.layout, a.dtype)
     _check_triton_dtype(backend, a.dtype)
-    if backend == "triton":
-        from . import launchers
-
-        return launchers.dds(a, b, transpose_b, bias)
-    if backend == "dense":
-        return cpu.dense_dds(a, b, transpose_b, bias)
-    if backend == "native":
-        return cpu_native.dds(a, b, transpose_b, bias)
-    return cpu.blocked_dds(a, b, transpose_b, bias)
+    index = custom_ops.layout_tensors(custom_ops.register_layout(b.layout))
+    bias = None if bias is None else bias.detach()
+    return custom_ops.dds(a, b.values.detach(), *index, bias, n, k, b.block_size, transpose_b, backend)
 
 
 def dsd(
@@ -171,12 +166,5 @@ def sdd(
         )
     backend = resolve_backend(backend, a.device, layout, a.dtype)
     _check_triton_dtype(backend, a.dtype)
-    if backend == "triton":
-        from . import launchers
-
-        return BlockSparseMatrix(launchers.sdd(a, b, layout), layout)
-    if backend == "dense":
-        return cpu.dense_sdd(a, b, layout)
-    if backend == "native":
-        return cpu_native.sdd(a, b, layout)
-    return cpu.blocked_sdd(a, b, layout)
+    index = custom_ops.layout_tensors(custom_ops.register_layout(layout))
+    return BlockSparseMatrix(custom_ops.sdd(a, b, *index, *layout.shape, layout.block_size, backend), layout)

@@ -15,13 +15,21 @@ live or absent, gets a momentum on one scale: mean / sqrt(mean square) per weigh
 """
 from __future__ import annotations
 
+import copyreg
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
 from sparse_nlp import kernels
+from sparse_nlp.kernels import autograd as kernel_autograd, custom_ops, ops as kernel_ops
 from sparse_nlp.precision import has_fast_bf16
+
+# The layout's index tensors, held as non-persistent buffers "layout_<name>" (checkpoints keep only block_mask).
+INDEX_FIELDS = ("row_indices", "col_indices", "row_offsets", "transpose_perm", "transpose_row_indices", "col_offsets")
+NNZ_SIZED = ("row_indices", "col_indices", "transpose_perm", "transpose_row_indices")  # dim 0 = live blocks
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def block_grid(weight_shape: tuple[int, int], block_size: int) -> tuple[int, int]:
@@ -58,14 +66,19 @@ class BlockSparseLinear(nn.Module):
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.register_buffer("block_mask", block_mask.to(device=values.device, dtype=torch.bool))
         self.target_nonzeros = int(self.block_mask.sum())  # in blocks: the unit topology updates move
-        self.collect_dense_grad = False
-        self.dense_grad_step: Optional[torch.Tensor] = None  # this optimizer step's dY^T X (micro-batches summed)
+        self._dense_grad_probe: Optional[torch.Tensor] = None  # while collecting: its .grad sums dY^T X
+        self._dense_grad_dtype = torch.float32
+        self._dense_grad_step: Optional[torch.Tensor] = None  # this optimizer step's dY^T X (micro-batches summed)
         self.dense_grad_sum: Optional[torch.Tensor] = None  # fast: the window's steps summed ...
         self.dense_grad_sq_sum: Optional[torch.Tensor] = None  # ... and their squares
         self.dense_grad_steps = 0  # fast: optimizer steps in the sums
         self.dense_grad_ema: Optional[torch.Tensor] = None  # exact: exponential average over every step ...
         self.dense_grad_sq_ema: Optional[torch.Tensor] = None  # ... and of the squares
-        self._layout = None  # kernels.BlockSparseLayout, rebuilt when the mask changes
+        self._layout = None  # kernels.BlockSparseLayout over the layout_* buffers, rebuilt when they change
+        self._backends: dict = {}  # compute dtype -> backend on values' device, resolved once per topology
+        _let_dynamo_resize_parameters()
+        self._set_layout(kernels.BlockSparseLayout.from_block_mask(self.block_mask, block_size))
+        _mark_block_dim_dynamic(self.values)
 
     # ---- construction and export ---------------------------------------------------------------------------
     @classmethod
@@ -125,35 +138,109 @@ class BlockSparseLinear(nn.Module):
         return float(self.block_mask.float().mean())
 
     @property
-    def layout(self):
-        if self._layout is None or self._layout.device != self.values.device:
-            self._layout = kernels.BlockSparseLayout.from_block_mask(self.block_mask, self.block_size)
+    def layout(self) -> kernels.BlockSparseLayout:
+        """The layout over this layer's index buffers (the kernels find it again from them)."""
+        if self._layout is None:
+            index = [getattr(self, "layout_" + name) for name in INDEX_FIELDS]
+            self._layout = custom_ops.register_layout(
+                kernels.BlockSparseLayout(self.weight_shape, self.block_size, *index))
         return self._layout
+
+    @torch.no_grad()
+    def _set_layout(self, layout: kernels.BlockSparseLayout) -> None:
+        """Point the index buffers at `layout`'s tensors in place (set_), so that a compiled graph, which holds the
+        buffers, sees a new size on the live-block dimension (dynamic) instead of new tensors; then resolve the
+        backend per compute dtype, so that forward reads a dict and never the layout object."""
+        layout = layout.to(self.block_mask.device)
+        for name in INDEX_FIELDS:
+            new, key = getattr(layout, name), "layout_" + name
+            current = self._buffers.get(key)
+            if current is None or current.device != new.device:
+                self.register_buffer(key, new, persistent=False)
+                if name in NNZ_SIZED:
+                    _mark_block_dim_dynamic(new)
+            else:
+                current.set_(new)
+        self._layout = None
+        self._resolve_backends()
+
+    def _resolve_backends(self) -> None:
+        layout, device = self.layout, self.values.device
+        self._backends.clear()  # in place: compiled code guards on the contents
+        self._backends.update({dtype: kernel_ops.resolve_backend(None, device, layout, dtype)
+                               for dtype in COMPUTE_DTYPES})
+
+    def _apply(self, fn, *args, **kwargs):
+        """After .to() / .cuda() / .half(): the buffers are new tensors, resolve the backends for their device."""
+        super()._apply(fn, *args, **kwargs)
+        self._layout = None
+        for name in NNZ_SIZED:
+            _mark_block_dim_dynamic(getattr(self, "layout_" + name))
+        _mark_block_dim_dynamic(self.values)
+        self._resolve_backends()
+        return self
 
     def apply_mask(self) -> None:
         """Nothing to do: absent blocks are not stored."""
 
     # ---- compute -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.block_sparse_linear(x, kernels.BlockSparseMatrix(self.values, self.layout), self.bias)
-        if self.collect_dense_grad and y.requires_grad:
-            saved_input = x.detach()
-            y.register_hook(lambda grad_output: self._add_dense_grad(grad_output, saved_input))
+        """Thin: the layout was checked and the backend resolved at the last topology change; what is left is the
+        autocast, two checks on x and the operator call, all traceable by torch.compile."""
+        x2, values, bias = kernel_autograd.autocast_operands(x, self.values, self.bias)
+        if x2.dim() == 0 or x2.shape[-1] != self.in_features:
+            raise ValueError(f"x has shape {tuple(x.shape)} but the layer expects last dim {self.in_features}")
+        backend = self._backends.get(x2.dtype)
+        if backend is None or x2.device != values.device:
+            raise ValueError(f"x is {x2.dtype} on {x2.device} but the weight is {values.dtype} on {values.device}; "
+                             "cast/move one to match")
+        index = tuple(getattr(self, "layout_" + name) for name in INDEX_FIELDS)
+        y = kernel_autograd.linear(x2, values, bias, index, self.out_features, self.in_features, self.block_size,
+                                   backend)
+        probe = self._dense_grad_probe
+        if probe is not None and y.requires_grad:
+            y = _DenseGradTap.apply(y, x, probe, self._dense_grad_dtype)
         return y
 
-    @torch.no_grad()
-    def _add_dense_grad(self, grad_output: torch.Tensor, x: torch.Tensor) -> None:
-        """Add this backward's dense dW = dY^T X to the step's, computed in bf16 where the hardware has fast bf16.
+    @property
+    def collect_dense_grad(self) -> bool:
+        """Whether backward also computes the dense dW = dY^T X (set by the controller before each step)."""
+        return self._dense_grad_probe is not None
 
-        The sums only rank blocks by mean |momentum|, so bf16 inputs (fp32 accumulation inside the GEMM, fp32 sums
-        across steps) are plenty, and the GEMM, the cost of the momentum window, runs ~2x faster.
-        """
-        dtype = dense_grad_dtype(grad_output.device)
-        dense = (grad_output.reshape(-1, self.out_features).to(dtype).t() @ x.reshape(-1, self.in_features).to(dtype)).float()
-        if self.dense_grad_step is None:
-            self.dense_grad_step = dense
+    @collect_dense_grad.setter
+    def collect_dense_grad(self, collect: bool) -> None:
+        """The dense gradient reaches the layer as the gradient of a probe: a [out, in] leaf of one stored element
+        (zero strides) whose .grad autograd sums over micro-batches. A tensor gradient rather than a hook that writes
+        into the layer, so that compiled graphs carry it like any other gradient."""
+        if collect and self._dense_grad_probe is None:
+            probe = torch.empty_strided(self.weight_shape, (0, 0), dtype=torch.float32, device=self.values.device)
+            self._dense_grad_probe = probe.zero_().requires_grad_()
+            self._dense_grad_dtype = dense_grad_dtype(probe.device)  # read here: forward only passes it on
+        elif not collect and self._dense_grad_probe is not None:
+            self._take_probe_grad()
+            self._dense_grad_probe = None
+
+    @property
+    def dense_grad_step(self) -> Optional[torch.Tensor]:
+        """This optimizer step's dense dW (micro-batches summed), or None."""
+        self._take_probe_grad()
+        return self._dense_grad_step
+
+    @dense_grad_step.setter
+    def dense_grad_step(self, value: Optional[torch.Tensor]) -> None:
+        self._take_probe_grad()
+        self._dense_grad_step = value
+
+    @torch.no_grad()
+    def _take_probe_grad(self) -> None:
+        probe = self._dense_grad_probe
+        if probe is None or probe.grad is None:
+            return
+        grad, probe.grad = probe.grad, None
+        if self._dense_grad_step is None:
+            self._dense_grad_step = grad
         else:
-            self.dense_grad_step.add_(dense)
+            self._dense_grad_step.add_(grad)
 
     @torch.no_grad()
     def end_step(self, ema_beta: Optional[float], squares: bool = True) -> None:
@@ -163,7 +250,7 @@ class BlockSparseLinear(nn.Module):
         window's sums; the window's means are taken at the update. ``squares``: keep the second moments too (only
         the one-scale block scores read them).
         """
-        step, self.dense_grad_step = self.dense_grad_step, None
+        step, self._dense_grad_step = self.dense_grad_step, None
         if step is None:
             return
         if ema_beta is None:
@@ -223,7 +310,8 @@ class BlockSparseLinear(nn.Module):
             setattr(self, key, value.to(self.values.device) if isinstance(value, torch.Tensor) else value)
 
     def clear_dense_grad(self) -> None:
-        self.dense_grad_step = self.dense_grad_sum = self.dense_grad_sq_sum = None
+        self._take_probe_grad()
+        self._dense_grad_step = self.dense_grad_sum = self.dense_grad_sq_sum = None
         self.dense_grad_ema = self.dense_grad_sq_ema = None
         self.dense_grad_steps = 0
 
@@ -253,7 +341,7 @@ class BlockSparseLinear(nn.Module):
                 state[key] = remap(value)
         self._resize_values(remap(self.values.detach()))
         self.block_mask.copy_(new_mask)
-        self._layout = None
+        self._set_layout(kernels.BlockSparseLayout.from_block_mask(self.block_mask, self.block_size))
         return new_positions[~survives]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -268,7 +356,7 @@ class BlockSparseLinear(nn.Module):
         ):
             self._resize_values(self.values.detach().new_empty(values.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._layout = None
+        self._set_layout(kernels.BlockSparseLayout.from_block_mask(self.block_mask, self.block_size))
 
     def _resize_values(self, new_values: torch.Tensor) -> None:
         """Give ``values`` new contents of another size, keeping the Parameter object the optimizer holds.
@@ -277,12 +365,96 @@ class BlockSparseLinear(nn.Module):
         still-referenced graph holds, and reject the next gradient.
         """
         fresh = nn.Parameter(new_values, requires_grad=self.values.requires_grad)
-        torch.utils.swap_tensors(self.values, fresh)
+        _swap_tensors(self.values, fresh)
         self.values.grad = None
-        self._layout = None
+        _mark_block_dim_dynamic(self.values)  # the marks lived in the swapped-out __dict__
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
             f"density={self.density:.4f}"
         )
+
+
+class _DenseGradTap(torch.autograd.Function):
+    """y unchanged (a copy: the model may add to it in place); backward also returns the dense dW = dY^T X as the
+    probe's gradient, in bf16 where the hardware has fast bf16.
+
+    The sums only rank blocks by mean |momentum|, so bf16 inputs (fp32 accumulation inside the GEMM, fp32 sums
+    across steps) are plenty, and the GEMM, the cost of the momentum window, runs ~2x faster.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor, probe: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(x.detach())
+        ctx.dtype = dtype
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        n, k = grad_y.shape[-1], x.shape[-1]
+        dense = grad_y.reshape(-1, n).to(ctx.dtype).t() @ x.reshape(-1, k).to(ctx.dtype)  # [out, in]
+        return grad_y, None, dense.float(), None
+
+
+def _let_dynamo_resize_parameters() -> None:
+    """Let torch.compile give the live-block dimension of `values` and the layout buffers a dynamic size.
+
+    Dynamo forces every nn.Module parameter and buffer to a static shape by default
+    (torch._dynamo.config.force_parameter_static_shapes), so each topology update, which changes the number of live
+    blocks, would recompile the model until dynamo's recompile limit (8) sends it back to eager. Turned off, only
+    tensors marked dynamic (here: the block dimension) or whose size actually changed get a symbolic size: parameters
+    of other modules, whose shapes never change, compile as before.
+    """
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is not None and getattr(dynamo.config, "force_parameter_static_shapes", False):
+        dynamo.config.force_parameter_static_shapes = False
+
+
+def _mark_block_dim_dynamic(t: torch.Tensor) -> None:
+    """Compile dim 0 (the live blocks) with a symbolic size from the start: no recompile at any update.
+
+    Unbacked (size-oblivious) rather than dynamic: a dynamic size is still specialised at 0 and 1, so a layer whose
+    count passes through 1 or 0 (tiny layers, or redistribution emptying one) would recompile the model each time.
+    """
+    decorators = getattr(getattr(torch, "_dynamo", None), "decorators", None)
+    mark = getattr(decorators, "mark_unbacked", None)
+    if mark is not None and t.dim() > 0:
+        mark(t, 0)
+
+def _swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
+    """torch.utils.swap_tensors, also when t1 has weak references.
+
+    torch.compile keeps weak references to the parameters of a compiled model (its guards), and swap_tensors refuses
+    those ("Cannot swap t1 because it has weakref associated with it"). The references point at the Python object,
+    which swapping keeps, with the new contents: the guards then check the new size, which is what they must see.
+    So where t1 has weak references the same swap is done with the check skipped.
+    """
+    if not weakref.getweakrefs(t1):
+        torch.utils.swap_tensors(t1, t2)
+        return
+    if weakref.getweakrefs(t2) or t1._use_count() > 2 or type(t1) is not type(t2):
+        raise RuntimeError("cannot resize values: other references hold them; free graphs and copies first")
+    if t1._use_count() == 2 and t1.is_leaf:  # what swap_tensors does: poison the old gradient accumulator
+        torch.autograd.graph.get_gradient_edge(t1).node.register_prehook(_poisoned)
+    for name in ("__dict__", *copyreg._slotnames(type(t1))):
+        if hasattr(t1, name) or hasattr(t2, name):
+            first, second = getattr(t1, name, _MISSING), getattr(t2, name, _MISSING)
+            _set_or_del(t1, name, second)
+            _set_or_del(t2, name, first)
+    torch._C._swap_tensor_impl(t1, t2)
+
+
+_MISSING = object()
+
+
+def _set_or_del(obj, name, value) -> None:
+    if value is _MISSING:
+        delattr(obj, name)
+    else:
+        setattr(obj, name, value)
+
+
+def _poisoned(grad_outputs):
+    raise RuntimeError("backward through a graph built before a topology update resized this layer's values")
