@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -23,7 +22,8 @@ from .native_build import load_native, native_unavailable_reason
 from .output_pool import OutputPool
 
 NATIVE_DTYPES = (torch.float32,)
-SPLIT_OUTPUTS_MAX_ROWS = 64  # dds of at most this many rows splits its output blocks between threads
+SPLIT_OUTPUTS_MAX_ROWS = 64  # forward products of at most this many rows: few_rows_forward
+SPLIT_MIN_WEIGHT_BYTES = 256 << 10  # fewer live weights than this: one thread (a second costs more than it saves)
 SDD_ROWS = 256  # cpu_kernels.c's SDD_ROWS: the dW split between threads falls on its chunks
 OUTPUTS = OutputPool()  # Y, dX, dW and scratch of this process's native products: recycled, not faulted in afresh
 
@@ -66,20 +66,41 @@ def _checked(status: int) -> None:
 
 def dds(a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a [M, *] @ (b^T if transpose_b else b) (+ bias), fp32, on live blocks only."""
-    out, tasks = _dds_tasks(a, b, transpose_b, bias, split_outputs=True)
+    if transpose_b and 0 < a.shape[0] <= SPLIT_OUTPUTS_MAX_ROWS:
+        return few_rows_forward(a, b, bias)
+    out, tasks = _dds_tasks(a, b, transpose_b, bias)
     cpu.run_tasks(tasks, a.device, blas=False)
     return out
 
 
-def _dds_tasks(a, b, transpose_b, bias, split_outputs: bool = False) -> tuple[torch.Tensor, list[Callable[[], None]]]:
-    """The product as tasks for cpu.run_tasks: chunks of cpu.M_CHUNK rows. split_outputs: a product of at most
-    SPLIT_OUTPUTS_MAX_ROWS rows, called from the caller's thread, is one task that splits the output blocks between
-    OpenMP threads instead (decoding: one chunk of rows would otherwise keep one core busy)."""
+def few_rows_forward(a: torch.Tensor, b: BlockSparseMatrix, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Y = a @ W^T (+ bias) for a few rows (decoding, small batches), called from the caller's thread: one C call
+    that splits W's output blocks between OpenMP threads, so that every core streams its share of the weights,
+    over packed weights and split points prepared once per weight version. Kept thin: at M = 1 the product takes
+    tens of microseconds, and every microsecond of Python here is a share of each generated token."""
+    lib = load_native()
+    packed = _packed_forward_weights(lib, b)
+    a = _rows(a)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    m = a.shape[0]
+    out = torch.empty((m, packed.out_features), dtype=a.dtype)
+    bounds = packed.bounds(torch.get_num_threads())
+    _checked(lib.sparse_nlp_dds_f32_split(
+        a.data_ptr(), a.stride(0), m, packed.stack_ptr, packed.offsets_ptr, packed.inputs_ptr, packed.block,
+        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), bounds.data_ptr(),
+        bounds.numel() - 1,
+    ))
+    return out
+
+
+def _dds_tasks(a, b, transpose_b, bias) -> tuple[torch.Tensor, list[Callable[[], None]]]:
+    """The product as tasks for cpu.run_tasks: chunks of cpu.M_CHUNK rows."""
     lib = load_native()
     layout, blk = b.layout, b.layout.block_size
     if transpose_b:  # output block i = block-row i of W: its blocks transposed, row-major order
         offsets, inputs, n_out = layout.row_offsets, layout.col_indices, layout.block_shape[0]
-        stack = _packed_forward_weights(lib, b)
+        stack = _packed_forward_weights(lib, b).stack
     else:  # output block j = block-column j of W: its blocks as they are, column-major order
         offsets, inputs, n_out = layout.col_offsets, layout.transpose_row_indices, layout.block_shape[1]
         v = b.values.detach().contiguous()
@@ -91,17 +112,6 @@ def _dds_tasks(a, b, transpose_b, bias, split_outputs: bool = False) -> tuple[to
     out = OUTPUTS.empty((m, n_out * blk), a.dtype, a.device)
     ldc = out.stride(0)
     bias_ptr = None if bias is None else _ptr(bias)
-    threads = torch.get_num_threads()
-    if split_outputs and 0 < m <= SPLIT_OUTPUTS_MAX_ROWS and threads > 1 and lib.sparse_nlp_openmp():
-        bounds = _output_splits(layout, transpose_b, min(threads, n_out))
-
-        def split() -> None:
-            _checked(lib.sparse_nlp_dds_f32_split(
-                _ptr(a), lda, m, _ptr(stack), _ptr(offsets), _ptr(inputs), blk, bias_ptr, _ptr(out), ldc,
-                _ptr(bounds), bounds.numel() - 1,
-            ))
-
-        return out, [split]
 
     def chunk(m0: int) -> None:
         rows = min(cpu.M_CHUNK, m - m0)
@@ -113,48 +123,69 @@ def _dds_tasks(a, b, transpose_b, bias, split_outputs: bool = False) -> tuple[to
     return out, [lambda m0=m0: chunk(m0) for m0 in range(0, m, cpu.M_CHUNK)]
 
 
-def _output_splits(layout: BlockSparseLayout, transpose_b: bool, parts: int) -> torch.Tensor:
-    """int32 output-block boundaries [0, ..., n_out] cutting the live blocks into at most `parts` nearly equal
-    shares; computed once per layout, direction and part count."""
-    cache = layout.kernel_cache.setdefault("native_output_splits", {})
-    key = (transpose_b, parts)
-    if key not in cache:
-        offsets = (layout.row_offsets if transpose_b else layout.col_offsets).tolist()
-        total, n_out = offsets[-1], len(offsets) - 1
-        cuts = {bisect.bisect_left(offsets, round(p * total / parts)) for p in range(1, parts)}
-        bounds = sorted({0, n_out, *(min(max(c, 0), n_out) for c in cuts)})
-        cache[key] = torch.tensor(bounds, dtype=torch.int32)
-    return cache[key]
+class PackedForward:
+    """W's live blocks transposed, in the forward kernel's tile layout, with what a few-row call needs as plain
+    integers, and the output-block split points per thread count."""
+
+    def __init__(self, stack: torch.Tensor, source: torch.Tensor, version: int, layout: BlockSparseLayout):
+        self.stack, self.source, self.version = stack, source, version
+        self.row_offsets = layout.row_offsets  # not the layout itself: it holds this entry (no reference cycle)
+        self.block = layout.block_size
+        self.out_features = layout.shape[0]
+        self.stack_ptr = stack.data_ptr()
+        self.offsets_ptr, self.inputs_ptr = layout.row_offsets.data_ptr(), layout.col_indices.data_ptr()
+        self._bounds: dict[int, torch.Tensor] = {}
+
+    def matches(self, values: torch.Tensor, version: int) -> bool:
+        return (version >= 0 and self.version == version and self.source.data_ptr() == values.data_ptr()
+                and self.stack.shape == values.shape and self.stack.dtype == values.dtype)
+
+    def bounds(self, threads: int) -> torch.Tensor:
+        """int32 output-block boundaries [0, ..., n_out]: the live blocks in at most `threads` nearly equal shares
+        (one share where the weights are too few to be worth a second thread)."""
+        found = self._bounds.get(threads)
+        if found is None:
+            parts = threads if self.stack.numel() * 4 >= SPLIT_MIN_WEIGHT_BYTES else 1
+            found = self._bounds[threads] = _output_splits(self.row_offsets, parts)
+        return found
 
 
-def _packed_forward_weights(lib, b: BlockSparseMatrix) -> torch.Tensor:
-    """W's live blocks transposed, in the forward kernel's tile layout, kept on the layout and repacked only when
-    the values changed (another tensor, or an in-place change: its version counter moved). Decoding calls the
-    forward once per token with the same weights: it then reads the weights once, instead of copying them first
-    (the copy cost more than the product at M = 1). In training every step repacks, into the same buffer."""
+def _output_splits(offsets: torch.Tensor, parts: int) -> torch.Tensor:
+    """int32 boundaries [0, ..., n_out] cutting the live blocks counted by CSR `offsets` into at most `parts`
+    nearly equal shares."""
+    offsets = offsets.tolist()
+    total, n_out = offsets[-1], len(offsets) - 1
+    cuts = {bisect.bisect_left(offsets, round(p * total / parts)) for p in range(1, parts)}
+    return torch.tensor(sorted({0, n_out, *(min(max(c, 0), n_out) for c in cuts)}), dtype=torch.int32)
+
+
+def _version(t: torch.Tensor) -> int:
+    """t's version counter; -1 for an inference tensor, which has none (its pack is then never reused)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def _packed_forward_weights(lib, b: BlockSparseMatrix) -> PackedForward:
+    """The forward's packed weights, kept on the layout and repacked only when the values changed (another tensor,
+    or an in-place change: its version counter moved). Decoding calls the forward once per token with the same
+    weights: it then reads them once, instead of copying them first (the copy cost more than the product at
+    M = 1). In training every step repacks, into the same buffer."""
     values = b.values
+    version = _version(values)
     cache = b.layout.kernel_cache
     entry = cache.get("native_forward_pack")
-    fresh = (entry is not None and entry.source.data_ptr() == values.data_ptr()
-             and entry.version == values._version and entry.stack.shape == values.shape
-             and entry.stack.dtype == values.dtype)
-    if fresh:
-        return entry.stack
+    if entry is not None and entry.matches(values, version):
+        return entry
     v = values.detach().contiguous()
-    stack = entry.stack if entry is not None and entry.stack.shape == v.shape and entry.stack.dtype == v.dtype \
-        else torch.empty_like(v)
+    reuse = entry is not None and entry.stack.shape == v.shape and entry.stack.dtype == v.dtype
+    stack = entry.stack if reuse else torch.empty_like(v)
     lib.sparse_nlp_pack_blocks(_ptr(v), None, v.shape[0], b.layout.block_size, 1, _ptr(stack))
     # A detached alias keeps the packed values' storage alive, so no other tensor can take its address while the
     # entry is checked against it; it holds no reference to the parameter itself (swap_tensors still works).
-    cache["native_forward_pack"] = _Packed(stack=stack, source=values.detach(), version=values._version)
-    return stack
-
-
-@dataclass
-class _Packed:
-    stack: torch.Tensor
-    source: torch.Tensor
-    version: int
+    entry = cache["native_forward_pack"] = PackedForward(stack, values.detach(), version, b.layout)
+    return entry
 
 
 def sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> BlockSparseMatrix:

@@ -31,23 +31,32 @@ def test_few_rows_split_over_output_blocks(kind, m, two_threads):
         torch.testing.assert_close(dds(dy, w, False, backend="native"), reference_dds(dy, w, False), **TOL)
 
 
-@needs_native
 @pytest.mark.parametrize("parts", [1, 2, 3, 7, 64])
 def test_output_splits_cover_every_block_once(parts):
     _, _, _, w = make_case(4, 7 * 16, 5 * 16, 16, kind="empty_row")
-    for transpose_b, n_out in ((True, 7), (False, 5)):
-        bounds = cpu_native._output_splits(w.layout, transpose_b, parts).tolist()
-        assert bounds[0] == 0 and bounds[-1] == n_out and bounds == sorted(set(bounds))
-        assert len(bounds) - 1 <= parts
+    bounds = cpu_native._output_splits(w.layout.row_offsets, parts).tolist()
+    assert bounds[0] == 0 and bounds[-1] == 7 and bounds == sorted(set(bounds)) and len(bounds) - 1 <= parts
+    shares = [int(w.layout.row_offsets[j]) - int(w.layout.row_offsets[i]) for i, j in zip(bounds, bounds[1:])]
+    assert sum(shares) == w.layout.num_blocks
+
+
+@needs_native
+def test_large_enough_weights_are_split_between_threads(two_threads):
+    x, _, bias, w = make_case(1, 512, 512, 64, kind="dense")  # 1 MiB of weights: two parts
+    torch.testing.assert_close(dds(x, w, True, bias, backend="native"), reference_dds(x, w, True, bias), **TOL)
+    assert w.layout.kernel_cache["native_forward_pack"].bounds(2).numel() == 3
+    x, _, bias, w = make_case(1, 64, 64, 16)  # a few KiB: one part
+    dds(x, w, True, bias, backend="native")
+    assert w.layout.kernel_cache["native_forward_pack"].bounds(2).numel() == 2
 
 
 @needs_native
 def test_packed_weights_follow_in_place_changes_and_new_values():
     x, _, bias, w = make_case(2, 128, 64, 32)
     first = dds(x, w, True, bias, backend="native")
-    cached = w.layout.kernel_cache["native_forward_pack"].stack
+    cached = w.layout.kernel_cache["native_forward_pack"]
     assert dds(x, w, True, bias, backend="native").equal(first)
-    assert w.layout.kernel_cache["native_forward_pack"].stack is cached  # same values: not packed again
+    assert w.layout.kernel_cache["native_forward_pack"] is cached  # same values: not packed again
     with torch.no_grad():
         w.values.mul_(-2.0)  # an optimizer step's in-place change
     torch.testing.assert_close(dds(x, w, True, bias, backend="native"), reference_dds(x, w, True, bias), **TOL)
@@ -70,3 +79,20 @@ def test_packed_weights_do_not_block_a_topology_update():
         new_mask[0, 1] = True
         layer.set_block_mask(new_mask)
         torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + layer.bias, **TOL)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 5, 200])
+def test_layer_inference_path_equals_the_training_path(rows, two_threads):
+    """Under no_grad a native layer calls the C product directly (no operator, no autograd): same outputs."""
+    from sparse_nlp.block_layers import BlockSparseLinear
+
+    torch.manual_seed(0)
+    layer = BlockSparseLinear.from_dense(torch.nn.Linear(256, 512), torch.rand(8, 4) < 0.4, 64)
+    x = torch.randn(2, rows, 256)
+    trained = layer(x)
+    assert trained.requires_grad
+    with torch.no_grad():
+        served = layer(x)
+    torch.testing.assert_close(served, trained.detach(), **TOL)
+    torch.testing.assert_close(served, x @ layer.dense_weight().t() + layer.bias.detach(), **TOL)
