@@ -26,7 +26,9 @@ def autocast_operands(
     are cast here, outside the operator, so gradients flow back through the casts to fp32 values and bias.
     Only fp32/fp16/bf16 tensors are cast (autocast leaves fp64 alone too)."""
     device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if device_type not in ("cuda", "cpu") and not torch.amp.is_autocast_available(device_type):
+        return x, values, bias  # (torch 2.11's dynamo cannot trace is_autocast_available: asked only off CPU/CUDA)
+    if not torch.is_autocast_enabled(device_type):
         return x, values, bias
     dtype = torch.get_autocast_dtype(device_type)
     return _cast(x, dtype), _cast(values, dtype), _cast(bias, dtype)

@@ -19,6 +19,7 @@ Where torch has no triton_op (older builds), the same bodies become plain custom
 from __future__ import annotations
 
 import weakref
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -158,8 +159,10 @@ def _dds(
         return host_dds(a, values, *index, bias, n, k, block, transpose_b, backend)
     from . import launchers
 
-    layout = BlockSparseLayout((n, k), block, *index)  # no checks, no cache: the body also runs on fake tensors
-    return launchers.dds(a, BlockSparseMatrix.unchecked(values, layout), transpose_b, bias)
+    # No checks and no cache: the body also runs on fake tensors, where values and the index tensors have symbolic
+    # block counts that need not be provably equal (BlockSparseMatrix would compare them).
+    weight = SimpleNamespace(values=values, layout=BlockSparseLayout((n, k), block, *index))
+    return launchers.dds(a, weight, transpose_b, bias)
 
 
 def _sdd(

@@ -244,7 +244,9 @@ class BlockSparseLinear(nn.Module):
             return
         grad, probe.grad = probe.grad, None
         if self._dense_grad_step is None:
-            self._dense_grad_step = grad
+            # A copy: under CUDA graphs (torch.compile's reduce-overhead) the gradient lives in the graph's memory,
+            # which the next replay overwrites, and these sums outlive the step.
+            self._dense_grad_step = grad.clone()
         else:
             self._dense_grad_step.add_(grad)
 
