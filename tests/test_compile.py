@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from sparse_nlp import SparsityController, SparseTrainer, SparsityConfig, sparse_layers, sparsify
 from sparse_nlp.block_layers import BlockSparseLinear
 from tiny_models import build, example_batch
+from test_recipe import _tiny_flags, text_files, train_lm  # noqa: F401 (text_files: a fixture)
 from trainer_helpers import RandomTokens, masks, tiny_args, tiny_gpt2
 
 KINDS = {"fine": 1, "block": 16}  # block_size
@@ -135,3 +136,14 @@ def test_trainer_with_torch_compile_equals_eager(kind, tmp_path):
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-5)
     if kind == "block":
         assert any(isinstance(layer, BlockSparseLinear) for _, layer in sparse_layers(compiled.model))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recipe_trains_with_torch_compile(kind, text_files, tmp_path):
+    train, valid, cache = text_files
+    flags = _tiny_flags(tmp_path, cache, "--train_file", str(train), "--validation_file", str(valid),
+                        "--block_size", str(KINDS[kind]), "--dense_baseline", "false",
+                        "--torch_compile", "true", "--torch_compile_backend", "aot_eager")
+    (run,) = train_lm.main(flags)
+    assert run.topology_updates == 2 and torch.isfinite(torch.tensor(run.val_perplexity))
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
