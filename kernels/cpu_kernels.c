@@ -23,9 +23,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #ifdef __AVX512F__
 #define VEC 16
@@ -206,34 +203,6 @@ int sparse_nlp_dds_f32(const float* A, int64_t lda, int64_t rows, const float* B
             }
     }
     return 0;
-}
-
-/* sparse_nlp_dds_f32 for a few rows (decoding, small batches), split over output blocks: part p computes output
- * blocks [bounds[p], bounds[p+1]) on its own thread, so every core streams its share of the weights. Built with
- * OpenMP, whose runtime is the one torch already loaded (same SONAME): its threads are the ones torch's own ops
- * just used, so a call costs a few microseconds to start instead of a thread pool's wake-up (~70 us here). */
-int sparse_nlp_dds_f32_split(const float* A, int64_t lda, int64_t rows, const float* B, const int32_t* offsets,
-                             const int32_t* idx, int64_t b, const float* bias, float* C, int64_t ldc,
-                             const int32_t* bounds, int parts) {
-    int status = 0;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : status)
-#endif
-    for (int p = 0; p < parts; p++) {
-        int64_t n0 = bounds[p], n1 = bounds[p + 1];
-        status |= sparse_nlp_dds_f32(A, lda, rows, B, offsets + n0, idx, n1 - n0, b, bias ? bias + n0 * b : 0,
-                                     C + n0 * b, ldc);
-    }
-    return status;
-}
-
-/* 1 when built with OpenMP (sparse_nlp_dds_f32_split runs its parts in parallel), else 0 (one after another). */
-int sparse_nlp_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
 }
 
 /* V[t] = (accumulate ? V[t] : 0) + G[:rows, i-block]^T @ X[:rows, cols[t]-block] for every live block t of

@@ -9,7 +9,6 @@ Operands need unit column stride (rows may be padded); other strides are copied 
 """
 from __future__ import annotations
 
-import bisect
 import math
 import warnings
 from typing import Callable, Optional
@@ -22,8 +21,7 @@ from .native_build import load_native, native_unavailable_reason
 from .output_pool import OutputPool
 
 NATIVE_DTYPES = (torch.float32,)
-SPLIT_OUTPUTS_MAX_ROWS = 64  # forward products of at most this many rows: few_rows_forward
-SPLIT_MIN_WEIGHT_BYTES = 256 << 10  # fewer live weights than this: one thread (a second costs more than it saves)
+FEW_ROWS = 64  # forward products of at most this many rows go through few_rows_forward
 SDD_ROWS = 256  # cpu_kernels.c's SDD_ROWS: the dW split between threads falls on its chunks
 OUTPUTS = OutputPool()  # Y, dX, dW and scratch of this process's native products: recycled, not faulted in afresh
 
@@ -66,7 +64,7 @@ def _checked(status: int) -> None:
 
 def dds(a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a [M, *] @ (b^T if transpose_b else b) (+ bias), fp32, on live blocks only."""
-    if transpose_b and 0 < a.shape[0] <= SPLIT_OUTPUTS_MAX_ROWS:
+    if transpose_b and 0 < a.shape[0] <= FEW_ROWS:
         return few_rows_forward(a, b, bias)
     out, tasks = _dds_tasks(a, b, transpose_b, bias)
     cpu.run_tasks(tasks, a.device, blas=False)
@@ -74,22 +72,20 @@ def dds(a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional
 
 
 def few_rows_forward(a: torch.Tensor, b: BlockSparseMatrix, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Y = a @ W^T (+ bias) for a few rows (decoding, small batches), called from the caller's thread: one C call
-    that splits W's output blocks between OpenMP threads, so that every core streams its share of the weights,
-    over packed weights and split points prepared once per weight version. Kept thin: at M = 1 the product takes
-    tens of microseconds, and every microsecond of Python here is a share of each generated token."""
-    lib = load_native()
-    packed = _packed_forward_weights(lib, b)
+    """Y = a @ W^T (+ bias) for a few rows (decoding, small batches): one C call on the caller's thread over packed
+    weights and pointers prepared once per weight version. Kept thin: at M = 1 the product takes ~20 us, and every
+    microsecond of Python here is a share of each generated token. One thread: handing half the output blocks to a
+    second one (a Python pool: ~70-150 us; OpenMP: a few us, but milliseconds whenever another process holds the
+    other core) gained nothing measurable at batch 1 and a few percent at batch 8."""
+    packed = _packed_forward_weights(load_native(), b)
     a = _rows(a)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     m = a.shape[0]
     out = torch.empty((m, packed.out_features), dtype=a.dtype)
-    bounds = packed.bounds(torch.get_num_threads())
-    _checked(lib.sparse_nlp_dds_f32_split(
-        a.data_ptr(), a.stride(0), m, packed.stack_ptr, packed.offsets_ptr, packed.inputs_ptr, packed.block,
-        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), bounds.data_ptr(),
-        bounds.numel() - 1,
+    _checked(packed.lib.sparse_nlp_dds_f32(
+        a.data_ptr(), a.stride(0), m, packed.stack_ptr, packed.offsets_ptr, packed.inputs_ptr, packed.out_blocks,
+        packed.block, None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
     ))
     return out
 
@@ -125,38 +121,19 @@ def _dds_tasks(a, b, transpose_b, bias) -> tuple[torch.Tensor, list[Callable[[],
 
 class PackedForward:
     """W's live blocks transposed, in the forward kernel's tile layout, with what a few-row call needs as plain
-    integers, and the output-block split points per thread count."""
+    integers."""
 
-    def __init__(self, stack: torch.Tensor, source: torch.Tensor, version: int, layout: BlockSparseLayout):
-        self.stack, self.source, self.version = stack, source, version
-        self.row_offsets = layout.row_offsets  # not the layout itself: it holds this entry (no reference cycle)
-        self.block = layout.block_size
+    def __init__(self, lib, stack: torch.Tensor, source: torch.Tensor, version: int, layout: BlockSparseLayout):
+        self.lib, self.stack, self.source, self.version = lib, stack, source, version
+        self.block, self.out_blocks = layout.block_size, layout.block_shape[0]
         self.out_features = layout.shape[0]
         self.stack_ptr = stack.data_ptr()
+        # Pointers into the layout's index tensors, which live as long as the layout that holds this entry.
         self.offsets_ptr, self.inputs_ptr = layout.row_offsets.data_ptr(), layout.col_indices.data_ptr()
-        self._bounds: dict[int, torch.Tensor] = {}
 
     def matches(self, values: torch.Tensor, version: int) -> bool:
         return (version >= 0 and self.version == version and self.source.data_ptr() == values.data_ptr()
                 and self.stack.shape == values.shape and self.stack.dtype == values.dtype)
-
-    def bounds(self, threads: int) -> torch.Tensor:
-        """int32 output-block boundaries [0, ..., n_out]: the live blocks in at most `threads` nearly equal shares
-        (one share where the weights are too few to be worth a second thread)."""
-        found = self._bounds.get(threads)
-        if found is None:
-            parts = threads if self.stack.numel() * 4 >= SPLIT_MIN_WEIGHT_BYTES else 1
-            found = self._bounds[threads] = _output_splits(self.row_offsets, parts)
-        return found
-
-
-def _output_splits(offsets: torch.Tensor, parts: int) -> torch.Tensor:
-    """int32 boundaries [0, ..., n_out] cutting the live blocks counted by CSR `offsets` into at most `parts`
-    nearly equal shares."""
-    offsets = offsets.tolist()
-    total, n_out = offsets[-1], len(offsets) - 1
-    cuts = {bisect.bisect_left(offsets, round(p * total / parts)) for p in range(1, parts)}
-    return torch.tensor(sorted({0, n_out, *(min(max(c, 0), n_out) for c in cuts)}), dtype=torch.int32)
 
 
 def _version(t: torch.Tensor) -> int:
@@ -184,7 +161,7 @@ def _packed_forward_weights(lib, b: BlockSparseMatrix) -> PackedForward:
     lib.sparse_nlp_pack_blocks(_ptr(v), None, v.shape[0], b.layout.block_size, 1, _ptr(stack))
     # A detached alias keeps the packed values' storage alive, so no other tensor can take its address while the
     # entry is checked against it; it holds no reference to the parameter itself (swap_tensors still works).
-    entry = cache["native_forward_pack"] = PackedForward(stack, values.detach(), version, b.layout)
+    entry = cache["native_forward_pack"] = PackedForward(lib, stack, values.detach(), version, b.layout)
     return entry
 
 

@@ -24,7 +24,6 @@ from typing import Optional
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC"]
 NATIVE_FLAGS = ["-march=native"]  # dropped when the compiler does not take it
-OPENMP_FLAGS = ["-fopenmp"]  # likewise: without OpenMP the few-row products run on one thread
 DISABLE_ENV = "SPARSE_NLP_NATIVE"
 CACHE_ENV = "SPARSE_NLP_CACHE"
 EXTRA_FLAGS_ENV = "SPARSE_NLP_NATIVE_FLAGS"  # appended last, e.g. "-mno-avx512f" (the tests build the 8-wide code so)
@@ -69,7 +68,7 @@ def _build(compiler: list[str], target: Path) -> None:
     half-written library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for extra in ([*NATIVE_FLAGS, *OPENMP_FLAGS], NATIVE_FLAGS, OPENMP_FLAGS, []):
+    for extra in (NATIVE_FLAGS, []):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         cmd = [*compiler, *FLAGS, *extra, *_extra_flags(), str(SOURCE), "-o", tmp]
@@ -94,10 +93,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sparse_nlp_sdd_f32.restype = i32
     lib.sparse_nlp_pack_blocks.argtypes = [p, p, i64, i64, i32, p]
     lib.sparse_nlp_pack_blocks.restype = None
-    lib.sparse_nlp_dds_f32_split.argtypes = [p, i64, i64, p, p, p, i64, p, p, i64, p, i32]
-    lib.sparse_nlp_dds_f32_split.restype = i32
-    lib.sparse_nlp_openmp.argtypes = []
-    lib.sparse_nlp_openmp.restype = i32
     lib.sparse_nlp_vector_width.argtypes = []
     lib.sparse_nlp_vector_width.restype = i32
     return lib
@@ -105,7 +100,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def library_path(compiler: list[str]) -> Path:
     key = hashlib.sha256()
-    flags = compiler + FLAGS + NATIVE_FLAGS + OPENMP_FLAGS + _extra_flags()
+    flags = compiler + FLAGS + NATIVE_FLAGS + _extra_flags()
     for part in (SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_identity().encode(),
                  sys.platform.encode()):
         key.update(part)

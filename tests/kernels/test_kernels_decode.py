@@ -1,5 +1,5 @@
-"""The native kernels' few-row path (decoding): the output blocks split between threads, and the forward's packed
-weights kept on the layout until the values change."""
+"""The native kernels' few-row path (decoding): one C call over the forward's packed weights, which are kept on the
+layout until the values change, and the layer's inference path that calls it directly."""
 import pytest
 import torch
 from kernel_cases import LAYOUTS, make_case
@@ -13,41 +13,14 @@ needs_native = pytest.mark.skipif(
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 @needs_native
 @pytest.mark.parametrize("kind", LAYOUTS)
-@pytest.mark.parametrize("m", [1, 3, 8, cpu_native.SPLIT_OUTPUTS_MAX_ROWS, cpu_native.SPLIT_OUTPUTS_MAX_ROWS + 1])
-def test_few_rows_split_over_output_blocks(kind, m, two_threads):
+@pytest.mark.parametrize("m", [1, 3, 8, cpu_native.FEW_ROWS, cpu_native.FEW_ROWS + 1])
+def test_few_rows_on_every_layout_kind(kind, m):
     for block in (16, 64):
         x, dy, bias, w = make_case(m, 5 * block, 3 * block, block, kind=kind)
         torch.testing.assert_close(dds(x, w, True, bias, backend="native"), reference_dds(x, w, True, bias), **TOL)
         torch.testing.assert_close(dds(dy, w, False, backend="native"), reference_dds(dy, w, False), **TOL)
-
-
-@pytest.mark.parametrize("parts", [1, 2, 3, 7, 64])
-def test_output_splits_cover_every_block_once(parts):
-    _, _, _, w = make_case(4, 7 * 16, 5 * 16, 16, kind="empty_row")
-    bounds = cpu_native._output_splits(w.layout.row_offsets, parts).tolist()
-    assert bounds[0] == 0 and bounds[-1] == 7 and bounds == sorted(set(bounds)) and len(bounds) - 1 <= parts
-    shares = [int(w.layout.row_offsets[j]) - int(w.layout.row_offsets[i]) for i, j in zip(bounds, bounds[1:])]
-    assert sum(shares) == w.layout.num_blocks
-
-
-@needs_native
-def test_large_enough_weights_are_split_between_threads(two_threads):
-    x, _, bias, w = make_case(1, 512, 512, 64, kind="dense")  # 1 MiB of weights: two parts
-    torch.testing.assert_close(dds(x, w, True, bias, backend="native"), reference_dds(x, w, True, bias), **TOL)
-    assert w.layout.kernel_cache["native_forward_pack"].bounds(2).numel() == 3
-    x, _, bias, w = make_case(1, 64, 64, 16)  # a few KiB: one part
-    dds(x, w, True, bias, backend="native")
-    assert w.layout.kernel_cache["native_forward_pack"].bounds(2).numel() == 2
 
 
 @needs_native
@@ -83,7 +56,7 @@ def test_packed_weights_do_not_block_a_topology_update():
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 5, 200])
-def test_layer_inference_path_equals_the_training_path(rows, two_threads):
+def test_layer_inference_path_equals_the_training_path(rows):
     """Under no_grad a native layer calls the C product directly (no operator, no autograd): same outputs."""
     from sparse_nlp.block_layers import BlockSparseLinear
 
