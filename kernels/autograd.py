@@ -1,8 +1,9 @@
 """block_sparse_linear: y = x W^T + bias with W block-sparse, differentiable w.r.t. x, W.values and bias.
 
-The differentiable operator is `sparse_nlp::linear` (custom_ops.py), whose backward is built from the other two
-products: dX = dds(dY, W) walks W's column-major order (no transposed copy of W), dW = sdd(dY^T, X) computes only
-the live blocks. This module adds the checks and autocast around it.
+The differentiable operator is `sparse_nlp::linear` (custom_ops.py) under torch.compile, and custom_ops.EagerLinear,
+the same products without the dispatcher, in eager calls; both build the backward from the other two products:
+dX = dds(dY, W) walks W's column-major order (no transposed copy of W), dW = sdd(dY^T, X) computes only the live
+blocks. This module adds the checks and autocast around them.
 """
 from __future__ import annotations
 
@@ -35,13 +36,19 @@ def autocast_operands(
 
 
 def linear(
-    x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor], index: tuple[torch.Tensor, ...],
-    n: int, k: int, block: int, backend: str,
+    x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor], n: int, k: int, block: int, backend: str,
+    layout: Optional[BlockSparseLayout] = None, index: Optional[tuple[torch.Tensor, ...]] = None,
 ) -> torch.Tensor:
-    """x [..., K] -> [..., N] through the operator, unchecked: callers (the layer, `block_sparse_linear`) have
-    checked the operands and resolved the backend. `index`: custom_ops.layout_tensors(layout)."""
+    """x [..., K] -> [..., N], unchecked: callers (the layer, `block_sparse_linear`) have checked the operands and
+    resolved the backend. Eager calls with the `layout` object run EagerLinear (no dispatcher); under torch.compile
+    (or given only `index`, custom_ops.layout_tensors of the layout) the `sparse_nlp::linear` operator runs."""
     lead = x.shape[:-1]
-    y = custom_ops.linear(x.reshape(-1, k), values, bias, *index, n, k, block, backend)  # [M, N]
+    x2 = x.reshape(-1, k)  # leading batch dims flattened: a view when x is contiguous
+    if layout is not None and not torch.compiler.is_compiling():
+        y = custom_ops.EagerLinear.apply(x2, values, bias, layout, backend)  # [M, N]
+    else:
+        index = index if index is not None else custom_ops.layout_tensors(layout)
+        y = custom_ops.linear(x2, values, bias, *index, n, k, block, backend)
     return y.view(*lead, n)
 
 
@@ -50,8 +57,7 @@ class BlockSparseLinearFunction:
 
     @staticmethod
     def apply(x, values, bias, layout: BlockSparseLayout, backend: str) -> torch.Tensor:
-        index = custom_ops.layout_tensors(custom_ops.register_layout(layout))
-        return linear(x, values, bias, index, *layout.shape, layout.block_size, backend)
+        return linear(x, values, bias, *layout.shape, layout.block_size, backend, layout=layout)
 
 
 def block_sparse_linear(
@@ -80,5 +86,4 @@ def block_sparse_linear(
     ops.check_bias(bias, n, values.dtype, values.device)
     layout = weight.layout
     backend = ops.resolve_backend(backend, x.device, layout, x.dtype)
-    index = custom_ops.layout_tensors(custom_ops.register_layout(layout))
-    return linear(x, values, bias, index, n, k, layout.block_size, backend)
+    return linear(x, values, bias, n, k, layout.block_size, backend, layout=layout)

@@ -60,6 +60,44 @@ def _layout(index: tuple[Tensor, ...], n: int, k: int, block: int) -> BlockSpars
     return layout if layout is not None else BlockSparseLayout((n, k), block, *index)
 
 
+# ---- the products on every backend, given a layout object: what the ops and the eager path both run ---------------
+def run_dds(a: Tensor, w, transpose_b: bool, bias: Optional[Tensor], backend: str) -> Tensor:
+    """a @ W (W^T when transpose_b) (+ bias) on `backend`; w has .values and .layout (a BlockSparseMatrix)."""
+    if backend == "triton":  # CUDA, or CPU tensors under TRITON_INTERPRET=1: the same launchers
+        from . import launchers
+
+        return launchers.dds(a, w, transpose_b, bias)
+    if backend == "native":
+        return cpu_native.dds(a, w, transpose_b, bias)
+    if backend == "dense":
+        return cpu.dense_dds(a, w, transpose_b, bias)
+    return cpu.blocked_dds(a, w, transpose_b, bias)
+
+
+def run_sdd(a: Tensor, b: Tensor, layout: BlockSparseLayout, backend: str) -> Tensor:
+    """The live blocks of a @ b, [num_blocks, b, b]."""
+    if backend == "triton":
+        from . import launchers
+
+        return launchers.sdd(a, b, layout)
+    if backend == "native":
+        return cpu_native.sdd(a, b, layout).values
+    if backend == "dense":
+        return cpu.dense_sdd(a, b, layout).values
+    return cpu.blocked_sdd(a, b, layout).values
+
+
+def run_linear_backward(grad_y: Tensor, x: Tensor, w, need_x: bool, need_w: bool, backend: str):
+    """(dX, dW) or None where not asked for: on the CPU pool at once (native, torch), else dds and sdd."""
+    if backend == "native":
+        return cpu_native.linear_backward(grad_y, x, w, need_x, need_w)
+    if backend == "torch" and grad_y.device.type == "cpu":
+        return cpu.blocked_linear_backward(grad_y, x, w, need_x, need_w)
+    grad_x = run_dds(grad_y, w, False, None, backend) if need_x else None
+    grad_values = run_sdd(grad_y.t(), x, w.layout, backend) if need_w else None
+    return grad_x, grad_values
+
+
 # ---- the opaque host ops: native C, torch, dense, and Triton under the interpreter --------------------------------
 @torch.library.custom_op("sparse_nlp::host_dds", mutates_args=())
 def host_dds(
@@ -68,16 +106,7 @@ def host_dds(
     transpose_b: bool, backend: str,
 ) -> Tensor:
     index = (row_indices, col_indices, row_offsets, transpose_perm, transpose_row_indices, col_offsets)
-    w = BlockSparseMatrix(values, _layout(index, n, k, block))
-    if backend == "native":
-        return cpu_native.dds(a, w, transpose_b, bias)
-    if backend == "dense":
-        return cpu.dense_dds(a, w, transpose_b, bias)
-    if backend == "triton":  # CPU tensors under TRITON_INTERPRET=1: the launchers that CUDA runs
-        from . import launchers
-
-        return launchers.dds(a, w, transpose_b, bias)
-    return cpu.blocked_dds(a, w, transpose_b, bias)
+    return run_dds(a, BlockSparseMatrix(values, _layout(index, n, k, block)), transpose_b, bias, backend)
 
 
 @host_dds.register_fake
@@ -91,17 +120,8 @@ def host_sdd(
     a: Tensor, b: Tensor, row_indices: Tensor, col_indices: Tensor, row_offsets: Tensor, transpose_perm: Tensor,
     transpose_row_indices: Tensor, col_offsets: Tensor, n: int, k: int, block: int, backend: str,
 ) -> Tensor:
-    layout = _layout((row_indices, col_indices, row_offsets, transpose_perm, transpose_row_indices, col_offsets),
-                     n, k, block)
-    if backend == "native":
-        return cpu_native.sdd(a, b, layout).values
-    if backend == "dense":
-        return cpu.dense_sdd(a, b, layout).values
-    if backend == "triton":
-        from . import launchers
-
-        return launchers.sdd(a, b, layout)
-    return cpu.blocked_sdd(a, b, layout).values
+    index = (row_indices, col_indices, row_offsets, transpose_perm, transpose_row_indices, col_offsets)
+    return run_sdd(a, b, _layout(index, n, k, block), backend)
 
 
 @host_sdd.register_fake
@@ -119,13 +139,7 @@ def host_linear_backward(
     """(dX, dW) at once on the CPU thread pool (native, torch); an empty tensor for a gradient not asked for."""
     index = (row_indices, col_indices, row_offsets, transpose_perm, transpose_row_indices, col_offsets)
     w = BlockSparseMatrix(values, _layout(index, n, k, block))
-    if backend == "native":
-        grad_x, grad_values = cpu_native.linear_backward(grad_y, x, w, need_x, need_w)
-    elif backend == "torch" and grad_y.device.type == "cpu":
-        grad_x, grad_values = cpu.blocked_linear_backward(grad_y, x, w, need_x, need_w)
-    else:
-        grad_x = host_dds(grad_y, values, *index, None, n, k, block, False, backend) if need_x else None
-        grad_values = host_sdd(grad_y.t(), x, *index, n, k, block, backend) if need_w else None
+    grad_x, grad_values = run_linear_backward(grad_y, x, w, need_x, need_w, backend)
     return _or_empty(grad_x, grad_y), _or_empty(grad_values, grad_y)
 
 
@@ -157,12 +171,10 @@ def _dds(
     index = (row_indices, col_indices, row_offsets, transpose_perm, transpose_row_indices, col_offsets)
     if not _on_triton(a, backend):
         return host_dds(a, values, *index, bias, n, k, block, transpose_b, backend)
-    from . import launchers
-
     # No checks and no cache: the body also runs on fake tensors, where values and the index tensors have symbolic
     # block counts that need not be provably equal (BlockSparseMatrix would compare them).
     weight = SimpleNamespace(values=values, layout=BlockSparseLayout((n, k), block, *index))
-    return launchers.dds(a, weight, transpose_b, bias)
+    return run_dds(a, weight, transpose_b, bias, backend)
 
 
 def _sdd(
@@ -172,9 +184,7 @@ def _sdd(
     index = (row_indices, col_indices, row_offsets, transpose_perm, transpose_row_indices, col_offsets)
     if not _on_triton(a, backend):
         return host_sdd(a, b, *index, n, k, block, backend)
-    from . import launchers
-
-    return launchers.sdd(a, b, BlockSparseLayout((n, k), block, *index))
+    return run_sdd(a, b, BlockSparseLayout((n, k), block, *index), backend)
 
 
 def _linear(
@@ -245,3 +255,27 @@ def _backward(ctx, grad_y):
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- eager: the same products without the dispatcher -----------------------------------------------------------------
+class EagerLinear(torch.autograd.Function):
+    """What `linear` computes, for eager calls: the layout travels as the object itself (its host plans and packed
+    weights at hand), and no operator dispatch runs (the op's dispatch and generated autograd cost ~0.2-0.4 ms per
+    forward + backward on the 2-core box, more than the native product itself at a few rows). Under torch.compile
+    `linear` is the operator instead (autograd.linear picks)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, bias: Optional[Tensor], layout: BlockSparseLayout, backend: str):
+        ctx.save_for_backward(x, values)
+        ctx.layout, ctx.backend = layout, backend
+        return run_dds(x, BlockSparseMatrix(values, layout), True, bias, backend)  # [M, N]
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, values = ctx.saved_tensors
+        if grad_y.stride(-1) != 1:  # e.g. the expanded gradient of .sum()
+            grad_y = grad_y.contiguous()
+        need_x, need_w, need_bias = ctx.needs_input_grad[:3]
+        grad_x, grad_values = run_linear_backward(grad_y, x, BlockSparseMatrix(values, ctx.layout), need_x, need_w,
+                                                  ctx.backend)
+        return grad_x, grad_values, grad_y.sum(0) if need_bias else None, None, None

@@ -22,12 +22,22 @@ def _kernels():
     return triton_kernels
 
 
-def _launch(kernel):
-    """`kernel` through torch.library.wrap_triton on a GPU, so that the triton_ops in custom_ops.py that call these
-    launchers stay traceable (in eager their triton_op calls the kernel directly); the kernel itself under the
-    interpreter (CPU tensors never reach wrap_triton there) and where torch has no wrap_triton."""
+def _launch(kernel, like: torch.Tensor):
+    """`kernel` through torch.library.wrap_triton while torch.compile traces the triton_ops of custom_ops.py (`like`
+    is then a fake or functional tensor), so that Inductor sees the launch; the kernel itself in eager calls (no
+    dispatch), under the interpreter (CPU tensors never reach wrap_triton there) and where torch has no
+    wrap_triton."""
     wrap = getattr(torch.library, "wrap_triton", None)
-    return kernel if wrap is None or interpreting() else wrap(kernel)
+    if wrap is None or interpreting() or not _traced(like):
+        return kernel
+    return wrap(kernel)
+
+
+def _traced(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -125,7 +135,7 @@ def dds(
     kout = _kernel_out(out)
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias[n] at unit stride
-    _launch(_kernels().dds_kernel)[grid](
+    _launch(_kernels().dds_kernel, a)[grid](
         a, v, kout, bias if bias is not None else kout,
         offsets, inner, perm,
         m,
@@ -187,7 +197,7 @@ def sdd(
         partial = torch.empty(splits, nnz, blk, blk, dtype=torch.float32, device=a.device)
     stride_os = 0 if splits == 1 else partial.stride(0)
     pstrides = partial.stride()[-3:]
-    _launch(_kernels().sdd_kernel)[(nnz, splits)](
+    _launch(_kernels().sdd_kernel, a)[(nnz, splits)](
         a, b, partial,
         layout.row_indices, layout.col_indices,
         m, per_split,

@@ -13,8 +13,9 @@ Each checks its inputs (one-line ValueErrors) and dispatches to a backend:
     None      automatic: CUDA -> "triton" ("dense" for fp64 or a fully dense layout); CPU -> "native" for fp32
               where it builds, else "torch"; "dense" above NATIVE_DENSE_THRESHOLD / DENSE_THRESHOLD[block]
 
-These ops are not differentiable; `block_sparse_linear` (autograd.py) is. Past the checks each calls its torch.library
-operator (custom_ops.py), which torch.compile traces without a graph break.
+These ops are not differentiable; `block_sparse_linear` (autograd.py) is. Past the checks each runs its product
+directly in eager calls, and its torch.library operator (custom_ops.py) under torch.compile, which traces it without a
+graph break.
 """
 from __future__ import annotations
 
@@ -129,9 +130,11 @@ def dds(
     check_bias(bias, n_out, b.dtype, b.device)
     backend = resolve_backend(backend, a.device, b.layout, a.dtype)
     _check_triton_dtype(backend, a.dtype)
-    index = custom_ops.layout_tensors(custom_ops.register_layout(b.layout))
-    bias = None if bias is None else bias.detach()
-    return custom_ops.dds(a, b.values.detach(), *index, bias, n, k, b.block_size, transpose_b, backend)
+    values, bias = b.values.detach(), None if bias is None else bias.detach()
+    if not torch.compiler.is_compiling():
+        return custom_ops.run_dds(a, BlockSparseMatrix(values, b.layout), transpose_b, bias, backend)
+    index = custom_ops.layout_tensors(b.layout)
+    return custom_ops.dds(a, values, *index, bias, n, k, b.block_size, transpose_b, backend)
 
 
 def dsd(
@@ -166,5 +169,7 @@ def sdd(
         )
     backend = resolve_backend(backend, a.device, layout, a.dtype)
     _check_triton_dtype(backend, a.dtype)
-    index = custom_ops.layout_tensors(custom_ops.register_layout(layout))
+    if not torch.compiler.is_compiling():
+        return BlockSparseMatrix(custom_ops.run_sdd(a, b, layout, backend), layout)
+    index = custom_ops.layout_tensors(layout)
     return BlockSparseMatrix(custom_ops.sdd(a, b, *index, *layout.shape, layout.block_size, backend), layout)

@@ -200,9 +200,13 @@ class BlockSparseLinear(nn.Module):
             lead = x2.shape[:-1]
             matrix = kernels.BlockSparseMatrix(values, self.layout)
             return cpu_native.dds(x2.reshape(-1, self.in_features), matrix, True, bias).view(*lead, self.out_features)
-        index = tuple(getattr(self, "layout_" + name) for name in INDEX_FIELDS)
-        y = kernel_autograd.linear(x2, values, bias, index, self.out_features, self.in_features, self.block_size,
-                                   backend)
+        if torch.compiler.is_compiling():  # the operator over the index buffers: never the layout object
+            index = tuple(getattr(self, "layout_" + name) for name in INDEX_FIELDS)
+            y = kernel_autograd.linear(x2, values, bias, self.out_features, self.in_features, self.block_size,
+                                       backend, index=index)
+        else:
+            y = kernel_autograd.linear(x2, values, bias, self.out_features, self.in_features, self.block_size,
+                                       backend, layout=self.layout)
         probe = self._dense_grad_probe
         if probe is not None and y.requires_grad:
             y = _DenseGradTap.apply(y, x, probe, self._dense_grad_dtype)
