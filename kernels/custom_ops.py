@@ -15,6 +15,10 @@ work cached on it (the torch path's host plan) is done once per topology, not pe
 torch.library.triton_op functionally decomposes its body for every device under torch.compile, so each triton_op's
 body sends non-CUDA tensors to the opaque host op, and only CUDA tensors with backend "triton" reach `wrap_triton`.
 Where torch has no triton_op (older builds), the same bodies become plain custom ops with shape-only fake impls.
+
+The operators are what torch.compile sees. Eager calls skip the dispatcher (EagerLinear, and ops.py calls run_dds /
+run_sdd directly): its Python dispatch and generated autograd cost more than a native product at a few rows. Both
+paths end in the same run_* functions, so the compiled tests and the eager tests check the same products.
 """
 from __future__ import annotations
 

@@ -170,6 +170,12 @@ class BlockSparseLinear(nn.Module):
         self._backends.update({dtype: kernel_ops.resolve_backend(None, device, layout, dtype)
                                for dtype in COMPUTE_DTYPES})
 
+    def __getstate__(self):
+        """Copies and pickles leave the layout object behind (what kernels cache on it may hold native pointers);
+        the copy rebuilds it from its index buffers at first use."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_layout": None}
+
     def _apply(self, fn, *args, **kwargs):
         """After .to() / .cuda() / .half(): the buffers are new tensors, resolve the backends for their device."""
         super()._apply(fn, *args, **kwargs)

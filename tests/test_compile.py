@@ -168,3 +168,18 @@ def test_operators_pass_opcheck(backend):
     torch.library.opcheck(custom_ops.sdd, (dy.t(), x.detach(), *index, *ints, backend))
     torch.library.opcheck(custom_ops.linear_backward, (dy, x.detach(), values.detach(), *index, *ints, True, True,
                                                       backend))
+
+
+def test_bench_compile_runs_on_cpu(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
+    spec = importlib.util.spec_from_file_location("bench_compile", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--warmup", "4", "--steps", "1", "--rounds", "1", "--json", str(tmp_path / "out.json")])
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"dense eager", "dense default", "block eager", "block default"}
+    assert rows["block default"]["graphs"] == 1  # the warm-up's topology update did not recompile
+    assert rows["block default"]["loss"] == pytest.approx(rows["block eager"]["loss"], rel=1e-5)
