@@ -62,22 +62,31 @@ def _checked(status: int) -> None:
         raise MemoryError("the native block-sparse kernel could not allocate its scratch buffer (out of memory)")
 
 
-def dds(a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a [M, *] @ (b^T if transpose_b else b) (+ bias), fp32, on live blocks only."""
+def dds(
+    a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional[torch.Tensor] = None,
+    reuse_packed: bool = False,
+) -> torch.Tensor:
+    """a [M, *] @ (b^T if transpose_b else b) (+ bias), fp32, on live blocks only.
+
+    reuse_packed: keep the forward's packed weights on the layout and reuse them while the values are the same
+    tensor at the same version. Only for weights nothing trains: fused optimizers (the Trainer's default AdamW)
+    change parameters without moving their version counter, so a trained layer's pack could go stale unseen."""
     if transpose_b and 0 < a.shape[0] <= FEW_ROWS:
-        return few_rows_forward(a, b, bias)
-    out, tasks = _dds_tasks(a, b, transpose_b, bias)
+        return few_rows_forward(a, b, bias, reuse_packed)
+    out, tasks = _dds_tasks(a, b, transpose_b, bias, reuse_packed)
     cpu.run_tasks(tasks, a.device, blas=False)
     return out
 
 
-def few_rows_forward(a: torch.Tensor, b: BlockSparseMatrix, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Y = a @ W^T (+ bias) for a few rows (decoding, small batches): one C call on the caller's thread over packed
-    weights and pointers prepared once per weight version. Kept thin: at M = 1 the product takes ~20 us, and every
-    microsecond of Python here is a share of each generated token. One thread: handing half the output blocks to a
-    second one (a Python pool: ~70-150 us; OpenMP: a few us, but milliseconds whenever another process holds the
-    other core) gained nothing measurable at batch 1 and a few percent at batch 8."""
-    packed = _packed_forward_weights(load_native(), b)
+def few_rows_forward(
+    a: torch.Tensor, b: BlockSparseMatrix, bias: Optional[torch.Tensor] = None, reuse_packed: bool = False
+) -> torch.Tensor:
+    """Y = a @ W^T (+ bias) for a few rows (decoding, small batches): one C call on the caller's thread. Kept thin:
+    at M = 1 the product takes ~20 us, and every microsecond of Python here is a share of each generated token;
+    with reuse_packed the weights are not even repacked. One thread: handing half the output blocks to a second
+    one (a Python pool: ~70-150 us; OpenMP: a few us, but milliseconds whenever another process holds the other
+    core) gained nothing measurable at batch 1 and a few percent at batch 8."""
+    packed = _packed_forward_weights(load_native(), b, reuse_packed)
     a = _rows(a)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
@@ -90,13 +99,13 @@ def few_rows_forward(a: torch.Tensor, b: BlockSparseMatrix, bias: Optional[torch
     return out
 
 
-def _dds_tasks(a, b, transpose_b, bias) -> tuple[torch.Tensor, list[Callable[[], None]]]:
+def _dds_tasks(a, b, transpose_b, bias, reuse_packed=False) -> tuple[torch.Tensor, list[Callable[[], None]]]:
     """The product as tasks for cpu.run_tasks: chunks of cpu.M_CHUNK rows."""
     lib = load_native()
     layout, blk = b.layout, b.layout.block_size
     if transpose_b:  # output block i = block-row i of W: its blocks transposed, row-major order
         offsets, inputs, n_out = layout.row_offsets, layout.col_indices, layout.block_shape[0]
-        stack = _packed_forward_weights(lib, b).stack
+        stack = _packed_forward_weights(lib, b, reuse_packed).stack
     else:  # output block j = block-column j of W: its blocks as they are, column-major order
         offsets, inputs, n_out = layout.col_offsets, layout.transpose_row_indices, layout.block_shape[1]
         v = b.values.detach().contiguous()
@@ -144,20 +153,25 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def _packed_forward_weights(lib, b: BlockSparseMatrix) -> PackedForward:
-    """The forward's packed weights, kept on the layout and repacked only when the values changed (another tensor,
-    or an in-place change: its version counter moved). Decoding calls the forward once per token with the same
-    weights: it then reads them once, instead of copying them first (the copy cost more than the product at
-    M = 1). In training every step repacks, into the same buffer."""
+def _packed_forward_weights(lib, b: BlockSparseMatrix, reuse: bool) -> PackedForward:
+    """W's live blocks packed for the forward kernel: into a recycled buffer each call, or with `reuse` kept on the
+    layout and repacked only when the values changed (another tensor, or an in-place change that moved its version
+    counter: load_state_dict, copy_). Decoding then reads the weights once per token instead of copying them first
+    (at M = 1 the copy cost more than the product)."""
     values = b.values
+    if not reuse:
+        stack = OUTPUTS.empty(tuple(values.shape), values.dtype, values.device)
+        lib.sparse_nlp_pack_blocks(_ptr(values.detach().contiguous()), None, values.shape[0], b.layout.block_size, 1,
+                                   _ptr(stack))
+        return PackedForward(lib, stack, values, -1, b.layout)
     version = _version(values)
     cache = b.layout.kernel_cache
     entry = cache.get("native_forward_pack")
     if entry is not None and entry.matches(values, version):
         return entry
     v = values.detach().contiguous()
-    reuse = entry is not None and entry.stack.shape == v.shape and entry.stack.dtype == v.dtype
-    stack = entry.stack if reuse else torch.empty_like(v)
+    fits = entry is not None and entry.stack.shape == v.shape and entry.stack.dtype == v.dtype
+    stack = entry.stack if fits else torch.empty_like(v)
     lib.sparse_nlp_pack_blocks(_ptr(v), None, v.shape[0], b.layout.block_size, 1, _ptr(stack))
     # A detached alias keeps the packed values' storage alive, so no other tensor can take its address while the
     # entry is checked against it; it holds no reference to the parameter itself (swap_tensors still works).

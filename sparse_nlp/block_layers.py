@@ -203,9 +203,14 @@ class BlockSparseLinear(nn.Module):
         if backend == "native" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # Inference on the native kernels (generate, evaluation): straight to the C product. The operator's
             # dispatch and autograd cost ~90 us a call here, more than the product itself when decoding one token.
+            # Weights that nothing can train (requires_grad off, as block_sparse_for_serving leaves them) keep their
+            # packed copy between calls; trainable ones are repacked each call, since fused optimizers change them
+            # without a version-counter bump.
             lead = x2.shape[:-1]
             matrix = kernels.BlockSparseMatrix(values, self.layout)
-            return cpu_native.dds(x2.reshape(-1, self.in_features), matrix, True, bias).view(*lead, self.out_features)
+            y = cpu_native.dds(x2.reshape(-1, self.in_features), matrix, True, bias,
+                               reuse_packed=not self.values.requires_grad)
+            return y.view(*lead, self.out_features)
         if torch.compiler.is_compiling():  # the operator over the index buffers: never the layout object
             index = tuple(getattr(self, "layout_" + name) for name in INDEX_FIELDS)
             y = kernel_autograd.linear(x2, values, bias, self.out_features, self.in_features, self.block_size,

@@ -44,7 +44,9 @@ def block_sparse_for_serving(
     most ``max_density`` of its grid by a ``BlockSparseLinear`` holding only those blocks; return the model.
 
     Meant for inference (``generate``, evaluation): the layers carry no sparsity config, so no controller updates
-    their topology. ``unsparsify`` gives the plain model back.
+    their topology, and their ``values`` do not require grad, so the CPU kernels keep the weights packed between
+    calls. Change them only through tensor operations (``load_state_dict``, ``copy_``), not through ``.data``.
+    ``unsparsify`` gives the plain model back.
     """
     if not 0.0 < max_density <= 1.0:
         raise ValueError(f"max_density must be in (0, 1], got {max_density}")
@@ -60,6 +62,7 @@ def block_sparse_for_serving(
             continue
         parent_name, _, child_name = name.rpartition(".")
         sparse = BlockSparseLinear.from_dense(layer, mask, block_size)
+        sparse.values.requires_grad_(False)  # nothing trains it: its packed weights are kept between calls
         setattr(model.get_submodule(parent_name), child_name, sparse)
         replaced += 1
     if replaced == 0:

@@ -26,17 +26,66 @@ def test_few_rows_on_every_layout_kind(kind, m):
 @needs_native
 def test_packed_weights_follow_in_place_changes_and_new_values():
     x, _, bias, w = make_case(2, 128, 64, 32)
-    first = dds(x, w, True, bias, backend="native")
+    first = cpu_native.dds(x, w, True, bias, reuse_packed=True)
     cached = w.layout.kernel_cache["native_forward_pack"]
-    assert dds(x, w, True, bias, backend="native").equal(first)
+    assert cpu_native.dds(x, w, True, bias, reuse_packed=True).equal(first)
     assert w.layout.kernel_cache["native_forward_pack"] is cached  # same values: not packed again
     with torch.no_grad():
-        w.values.mul_(-2.0)  # an optimizer step's in-place change
-    torch.testing.assert_close(dds(x, w, True, bias, backend="native"), reference_dds(x, w, True, bias), **TOL)
+        w.values.mul_(-2.0)  # an in-place change moves the version counter
+    torch.testing.assert_close(cpu_native.dds(x, w, True, bias, reuse_packed=True),
+                               reference_dds(x, w, True, bias), **TOL)
     other = BlockSparseMatrix(torch.randn_like(w.values), w.layout)  # other values, same layout
-    torch.testing.assert_close(dds(x, other, True, bias, backend="native"),
+    torch.testing.assert_close(cpu_native.dds(x, other, True, bias, reuse_packed=True),
                                reference_dds(x, other, True, bias), **TOL)
+    torch.testing.assert_close(cpu_native.dds(x, w, True, bias, reuse_packed=True),
+                               reference_dds(x, w, True, bias), **TOL)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [2, 300])
+def test_without_reuse_nothing_is_kept(rows):
+    """The default (every op, training): packed afresh each call, nothing left on the layout."""
+    x, _, bias, w = make_case(rows, 128, 64, 32)
     torch.testing.assert_close(dds(x, w, True, bias, backend="native"), reference_dds(x, w, True, bias), **TOL)
+    assert "native_forward_pack" not in w.layout.kernel_cache
+
+
+@needs_native
+def test_a_fused_optimizer_step_is_seen_by_the_next_inference_call():
+    """Fused AdamW changes parameters without moving their version counter: a trainable layer's inference forward
+    must not reuse a pack from before the step (this went stale once: a resumed Trainer run lost its losses)."""
+    from sparse_nlp.block_layers import BlockSparseLinear
+
+    torch.manual_seed(0)
+    layer = BlockSparseLinear.from_dense(torch.nn.Linear(128, 128), torch.rand(4, 4) < 0.5, 32)
+    x = torch.randn(3, 128)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        before = layer(x)
+    version = layer.values._version
+    layer(x).square().sum().backward()
+    optimizer.step()
+    assert layer.values._version == version  # the hazard itself
+    with torch.no_grad():
+        after = layer(x)
+    assert not after.equal(before)
+    torch.testing.assert_close(after, x @ layer.dense_weight().t() + layer.bias.detach(), **TOL)
+
+
+@needs_native
+def test_frozen_layers_keep_their_pack():
+    from sparse_nlp.block_layers import BlockSparseLinear
+
+    layer = BlockSparseLinear.from_dense(torch.nn.Linear(128, 128), torch.eye(4, dtype=torch.bool), 32)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        layer(x)
+        assert "native_forward_pack" not in layer.layout.kernel_cache  # trainable: repacked each call
+        layer.values.requires_grad_(False)
+        layer(x)
+        kept = layer.layout.kernel_cache["native_forward_pack"]
+        torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + layer.bias, **TOL)
+        assert layer.layout.kernel_cache["native_forward_pack"] is kept
 
 
 @needs_native
@@ -45,9 +94,11 @@ def test_packed_weights_do_not_block_a_topology_update():
     from sparse_nlp.block_layers import BlockSparseLinear
 
     layer = BlockSparseLinear.from_dense(torch.nn.Linear(64, 64), torch.eye(4, dtype=torch.bool), 16)
+    layer.values.requires_grad_(False)
     x = torch.randn(3, 64)
     with torch.no_grad():
         layer(x)
+        assert "native_forward_pack" in layer.layout.kernel_cache
         new_mask = torch.eye(4, dtype=torch.bool)
         new_mask[0, 1] = True
         layer.set_block_mask(new_mask)
