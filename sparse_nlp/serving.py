@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from sparse_nlp.block_layers import BlockSparseLinear
+from sparse_nlp.block_layers import BlockSparseLinear, pool_blocks
 from sparse_nlp.sparsify import _check_divisible, _out_in_shape, sparse_layers
 from sparse_nlp.targeting import FilterFn, find_target_layers
 
@@ -26,10 +26,8 @@ SERVING_MAX_DENSITY = 0.5  # above this share of live blocks a layer stays dense
 
 def nonzero_block_mask(layer: nn.Module, block_size: int) -> torch.Tensor:
     """[out/b, in/b] bool: which b x b blocks of the layer's [out, in] weight hold any nonzero."""
-    weight = layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
-    out_features, in_features = weight.shape
-    blocks = weight.detach().reshape(out_features // block_size, block_size, in_features // block_size, block_size)
-    return (blocks != 0).any(dim=3).any(dim=1)
+    weight = layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()  # Conv1D stores [in, out]
+    return pool_blocks(weight, block_size) > 0
 
 
 @torch.no_grad()
