@@ -15,8 +15,6 @@ live or absent, gets a momentum on one scale: mean / sqrt(mean square) per weigh
 """
 from __future__ import annotations
 
-import copyreg
-import weakref
 from typing import Optional
 
 import torch
@@ -24,6 +22,7 @@ from torch import nn
 
 from sparse_nlp import kernels
 from sparse_nlp.kernels import autograd as kernel_autograd, cpu_native, custom_ops, ops as kernel_ops
+from sparse_nlp.compile_support import let_dynamo_resize_parameters, mark_block_dim_dynamic, swap_tensors
 from sparse_nlp.precision import has_fast_bf16
 
 # The layout's index tensors, held as non-persistent buffers "layout_<name>" (checkpoints keep only block_mask).
@@ -76,9 +75,9 @@ class BlockSparseLinear(nn.Module):
         self.dense_grad_sq_ema: Optional[torch.Tensor] = None  # ... and of the squares
         self._layout = None  # kernels.BlockSparseLayout over the layout_* buffers, rebuilt when they change
         self._backends: dict = {}  # compute dtype -> backend on values' device, resolved once per topology
-        _let_dynamo_resize_parameters()
+        let_dynamo_resize_parameters()
         self._set_layout(kernels.BlockSparseLayout.from_block_mask(self.block_mask, block_size))
-        _mark_block_dim_dynamic(self.values)
+        mark_block_dim_dynamic(self.values)
 
     # ---- construction and export ---------------------------------------------------------------------------
     @classmethod
@@ -158,7 +157,7 @@ class BlockSparseLinear(nn.Module):
             if current is None or current.device != new.device:
                 self.register_buffer(key, new, persistent=False)
                 if name in NNZ_SIZED:
-                    _mark_block_dim_dynamic(new)
+                    mark_block_dim_dynamic(new)
             else:
                 current.set_(new)
         self._layout = None
@@ -181,8 +180,8 @@ class BlockSparseLinear(nn.Module):
         super()._apply(fn, *args, **kwargs)
         self._layout = None
         for name in NNZ_SIZED:
-            _mark_block_dim_dynamic(getattr(self, "layout_" + name))
-        _mark_block_dim_dynamic(self.values)
+            mark_block_dim_dynamic(getattr(self, "layout_" + name))
+        mark_block_dim_dynamic(self.values)
         self._resolve_backends()
         return self
 
@@ -388,9 +387,9 @@ class BlockSparseLinear(nn.Module):
         still-referenced graph holds, and reject the next gradient.
         """
         fresh = nn.Parameter(new_values, requires_grad=self.values.requires_grad)
-        _swap_tensors(self.values, fresh)
+        swap_tensors(self.values, fresh)
         self.values.grad = None
-        _mark_block_dim_dynamic(self.values)  # the marks lived in the swapped-out __dict__
+        mark_block_dim_dynamic(self.values)  # the marks lived in the swapped-out __dict__
 
     def extra_repr(self) -> str:
         return (
@@ -419,65 +418,3 @@ class _DenseGradTap(torch.autograd.Function):
         n, k = grad_y.shape[-1], x.shape[-1]
         dense = grad_y.reshape(-1, n).to(ctx.dtype).t() @ x.reshape(-1, k).to(ctx.dtype)  # [out, in]
         return grad_y, None, dense.float(), None
-
-
-def _let_dynamo_resize_parameters() -> None:
-    """Let torch.compile give the live-block dimension of `values` and the layout buffers a dynamic size.
-
-    Dynamo forces every nn.Module parameter and buffer to a static shape by default
-    (torch._dynamo.config.force_parameter_static_shapes), so each topology update, which changes the number of live
-    blocks, would recompile the model until dynamo's recompile limit (8) sends it back to eager. Turned off, only
-    tensors marked dynamic (here: the block dimension) or whose size actually changed get a symbolic size: parameters
-    of other modules, whose shapes never change, compile as before.
-    """
-    dynamo = getattr(torch, "_dynamo", None)
-    if dynamo is not None and getattr(dynamo.config, "force_parameter_static_shapes", False):
-        dynamo.config.force_parameter_static_shapes = False
-
-
-def _mark_block_dim_dynamic(t: torch.Tensor) -> None:
-    """Compile dim 0 (the live blocks) with a symbolic size from the start: no recompile at any update.
-
-    Unbacked (size-oblivious) rather than dynamic: a dynamic size is still specialised at 0 and 1, so a layer whose
-    count passes through 1 or 0 (tiny layers, or redistribution emptying one) would recompile the model each time.
-    """
-    decorators = getattr(getattr(torch, "_dynamo", None), "decorators", None)
-    mark = getattr(decorators, "mark_unbacked", None)
-    if mark is not None and t.dim() > 0:
-        mark(t, 0)
-
-def _swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
-    """torch.utils.swap_tensors, also when t1 has weak references.
-
-    torch.compile keeps weak references to the parameters of a compiled model (its guards), and swap_tensors refuses
-    those ("Cannot swap t1 because it has weakref associated with it"). The references point at the Python object,
-    which swapping keeps, with the new contents: the guards then check the new size, which is what they must see.
-    So where t1 has weak references the same swap is done with the check skipped.
-    """
-    if not weakref.getweakrefs(t1):
-        torch.utils.swap_tensors(t1, t2)
-        return
-    if weakref.getweakrefs(t2) or t1._use_count() > 2 or type(t1) is not type(t2):
-        raise RuntimeError("cannot resize values: other references hold them; free graphs and copies first")
-    if t1._use_count() == 2 and t1.is_leaf:  # what swap_tensors does: poison the old gradient accumulator
-        torch.autograd.graph.get_gradient_edge(t1).node.register_prehook(_poisoned)
-    for name in ("__dict__", *copyreg._slotnames(type(t1))):
-        if hasattr(t1, name) or hasattr(t2, name):
-            first, second = getattr(t1, name, _MISSING), getattr(t2, name, _MISSING)
-            _set_or_del(t1, name, second)
-            _set_or_del(t2, name, first)
-    torch._C._swap_tensor_impl(t1, t2)
-
-
-_MISSING = object()
-
-
-def _set_or_del(obj, name, value) -> None:
-    if value is _MISSING:
-        delattr(obj, name)
-    else:
-        setattr(obj, name, value)
-
-
-def _poisoned(grad_outputs):
-    raise RuntimeError("backward through a graph built before a topology update resized this layer's values")
