@@ -42,14 +42,6 @@ from sparse_nlp.distributed import is_distributed
 CONTROLLER_FILE = "sparsity_controller.pt"  # controller state, inside each checkpoint folder
 
 
-def sharded_engine_refusal(engine: str) -> ValueError:
-    """The one-line error for FSDP or DeepSpeed: engines that shard or flatten the weights the masks describe."""
-    return ValueError(
-        f"sparse training does not support {engine}: it shards the weights that the masks describe, so the masks "
-        "would not be applied; train with DDP instead (accelerate launch --multi_gpu, or torchrun)."
-    )
-
-
 class SparsityCallback(TrainerCallback):
     def __init__(
         self, config: Optional[SparsityConfig] = None, *, log_layer_densities: bool = True, print_updates: bool = True
@@ -66,8 +58,7 @@ class SparsityCallback(TrainerCallback):
     # ---- training events -----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
-        if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-            raise sharded_engine_refusal("FSDP")
+        # (FSDP2: the model is sharded by now; the controller refuses FSDP1 and block layers under FSDP in one line.)
         self.controller = SparsityController(model, optimizer, self.config, total_steps=state.max_steps)
         if self.controller.block_layers and is_distributed() and not self.syncs_block_grads:
             raise ValueError(
@@ -92,11 +83,12 @@ class SparsityCallback(TrainerCallback):
                 tqdm.write(self.update_line(update))
 
     def on_save(self, args, state, control, **kwargs):
-        if self.controller is None or not args.should_save:  # under DDP every rank holds the same state: rank 0 writes
+        if self.controller is None:
             return
+        saved = self.state_dict()  # on every rank: under FSDP2 it gathers what is sharded
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
-            torch.save(self.state_dict(), os.path.join(folder, CONTROLLER_FILE))
+        if args.should_save and os.path.isdir(folder):  # every rank holds the same state: rank 0 writes it
+            torch.save(saved, os.path.join(folder, CONTROLLER_FILE))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Plain-Trainer fallback; SparseTrainer.log has added the metrics already (then this does nothing).

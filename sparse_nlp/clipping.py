@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from sparse_nlp.layers import SparseLinear
+from sparse_nlp.sharding import whole
 
 
 def _masks_by_parameter(model: nn.Module) -> dict[int, torch.Tensor]:
@@ -50,9 +51,9 @@ def clip_active_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     sparse layers this is ``torch.nn.utils.clip_grad_norm_``, bit for bit.
     """
     params, grads = _active_grads(model)
-    total = get_total_norm(grads)
+    total = get_total_norm(grads)  # FSDP2: a DTensor, reduced over the ranks' shards
     clip_grads_with_norm_(params, max_norm, total)
-    return total
+    return whole(total)
 
 
 # Where the Trainer's clip is not a plain clip over local gradients: sharded or engine-managed parameters.
@@ -60,8 +61,11 @@ ENGINE_CLIPPING = ("FSDP", "DEEPSPEED", "XLA", "MEGATRON_LM")
 
 
 def supports_active_clipping(accelerator) -> bool:
-    """True where gradients are whole, local tensors when the Trainer clips (one process, DDP: already all-reduced).
+    """True where the Trainer clips gradients this module can read: whole local tensors (one process, DDP: already
+    all-reduced) or FSDP2's DTensor shards (their norms are reduced over ranks by DTensor itself).
 
-    Under FSDP, DeepSpeed, XLA or Megatron the engine owns the clip; there the Trainer's plain clip stays.
+    Under FSDP1, DeepSpeed, XLA or Megatron the engine owns the clip; there the Trainer's plain clip stays.
     """
+    if getattr(accelerator, "is_fsdp2", False):
+        return True
     return getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type)) not in ENGINE_CLIPPING

@@ -21,6 +21,7 @@ from sparse_nlp.distributed import all_reduce_dense_grads, broadcast_masks, chec
 from sparse_nlp.methods import LayerState, get_method, update_layer_topology
 from sparse_nlp.optimizer_state import MomentumTracker
 from sparse_nlp.schedule import TopologySchedule
+from sparse_nlp.sharding import check_sharded_training, is_sharded, local, local_part, positions_mask, whole
 from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers
 
 
@@ -68,6 +69,8 @@ class SparsityController:
                 total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay, config.update_end_fraction
             )
         self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
+        check_sharded_training(model, bool(self.block_layers))  # FSDP1, or block layers under FSDP: one line
+        self.apply_masks()  # under FSDP2: shards each mask like its weight (sparse_nlp.sharding)
         # Fine-grained layers: momentum from the optimizer, or a gradient average kept here (block layers: see
         # block_topology). Indexed by position in self.layers.
         self.momentum = MomentumTracker(
@@ -142,7 +145,7 @@ class SparsityController:
         """
         if self.schedule is None:  # static: the mask never changes
             return {"prune_rate": 0.0, "pruned": 0, "grown": 0, "moved": 0, "removed": 0}
-        before = [layer.mask.clone() for _, layer in self.layers]
+        before = [self._whole_mask(layer).clone() for _, layer in self.layers]
         if is_distributed() and self.block_layers:  # (the dense gradients were averaged over ranks at every step)
             check_block_values_agree([(n, l) for n, l in self.layers if isinstance(l, BlockSparseLinear)])
         prune_rate = self.schedule.prune_rate_at(self.step_count)
@@ -157,15 +160,19 @@ class SparsityController:
                 if is_distributed():  # rank 0's blocks, before the values move (they must match the mask)
                     broadcast_masks([state.mask])
                 layer.set_block_mask(state.mask, self.optimizer)
+            elif is_sharded(layer.mask):  # FSDP2: the state was a gathered copy; each rank writes its shard back
+                self._write_sharded_update(i, layer, state.mask, grown)
             elif self.config.regrown_state == "reset":
                 self.momentum.reset(i, grown)
-            if int(layer.mask.sum()) != expected:  # cannot happen unless a method breaks the contract: fail loudly
-                raise RuntimeError(f"{state.name}: {int(layer.mask.sum())} active units after update, planned {expected}.")
+            active = layer.nonzeros if is_sharded(layer.mask) else int(layer.mask.sum())  # units: weights or blocks
+            if active != expected:  # cannot happen unless a method breaks the contract: fail loudly
+                raise RuntimeError(f"{state.name}: {active} active units after update, planned {expected}.")
         if self.config.block_momentum == "fast":  # the next window starts afresh
             for layer in self.block_layers:
                 layer.clear_dense_grad()
         if is_distributed():  # fine-grained layers: rank 0's masks, and fresh momentum where this rank's differed
-            fine = [i for i, (_, layer) in enumerate(self.layers) if not isinstance(layer, BlockSparseLinear)]
+            fine = [i for i, (_, layer) in enumerate(self.layers)
+                    if not isinstance(layer, BlockSparseLinear) and not is_sharded(layer.mask)]
             for i, changed in zip(fine, broadcast_masks([self.layers[i][1].mask for i in fine])):
                 self.momentum.reset(i, changed)
         self.apply_masks()
@@ -180,13 +187,30 @@ class SparsityController:
             "removed": removed,
         }
 
+    @torch.no_grad()
+    def _write_sharded_update(self, index: int, layer, mask: torch.Tensor, grown: torch.Tensor) -> None:
+        """FSDP2: rank 0's whole new ``mask`` into every rank's shard; zero weights and state at grown positions."""
+        reset = [grown] if self.config.regrown_state == "reset" else []
+        if is_distributed():  # every rank decided from the same gathered bytes; rank 0's decision wins anyway
+            reset += broadcast_masks([mask])
+        layer.write_mask(mask)
+        weight = layer.weight.data
+        local(weight).masked_fill_(local_part(positions_mask(grown, weight), weight), 0)  # regrown in place: from 0
+        for positions in reset:
+            self.momentum.reset(index, positions)
+
+    @staticmethod
+    def _whole_mask(layer) -> torch.Tensor:
+        return layer.mask if isinstance(layer, BlockSparseLinear) else layer.whole_mask()
+
     def _changed_weights(self, before: list[torch.Tensor]) -> tuple[int, int]:
         """(turned on, turned off) weights between the masks ``before`` and now, counted in weights."""
         turned_on = turned_off = 0
         for (_, layer), old in zip(self.layers, before):
             unit = layer.block_size**2 if isinstance(layer, BlockSparseLinear) else 1
-            turned_on += int((layer.mask & ~old).sum()) * unit
-            turned_off += int((old & ~layer.mask).sum()) * unit
+            now = self._whole_mask(layer)
+            turned_on += int((now & ~old).sum()) * unit
+            turned_off += int((old & ~now).sum()) * unit
         return turned_on, turned_off
 
     def _layer_state(self, index: int, name: str, layer) -> LayerState:
@@ -203,12 +227,13 @@ class SparsityController:
                     f"method {self.config.method!r} grows by gradient but {name} has none: call controller.step() "
                     "after optimizer.step() and before optimizer.zero_grad()."
                 )
+        # Under FSDP2 the whole layer, gathered (copies): the decision needs it all; _write_sharded_update writes back.
         return LayerState(
             name=name,
-            weight=layer.weight.data,
-            mask=layer.mask,
-            momentum=self.momentum.momentum(index) if self.method.needs_momentum else None,
-            gradient=gradient,
+            weight=whole(layer.weight.data),
+            mask=layer.whole_mask(),
+            momentum=whole(self.momentum.momentum(index)) if self.method.needs_momentum else None,
+            gradient=whole(gradient) if gradient is not None else None,
             target_nonzeros=layer.target_nonzeros,
             generator=self.generator,
         )
@@ -252,6 +277,9 @@ class SparsityController:
                     f"checkpoint was made with {key}={saved.get(key)!r} but this run has {key}="
                     f"{getattr(self.config, key)!r}; resume with the same sparsity settings."
                 )
+        for _, layer in self.layers:  # FSDP2: masks loaded into their shards are counted again
+            if not isinstance(layer, BlockSparseLinear):
+                layer.recount()
         ours = {name: list(layer.weight_shape) for name, layer in self.layers}
         theirs = {name: entry["shape"] for name, entry in state["layers"].items()}
         if ours != theirs:

@@ -2,14 +2,18 @@
 
 The original layer stays inside as ``base_layer`` (so unpatching is just taking it back out). The mask is a
 boolean buffer of the weight's own shape and layout; topology updates change its contents in place, never the
-tensor itself, so references to it (optimizers, DDP buffers, hooks) stay valid.
+tensor itself, so references to it (optimizers, DDP buffers, hooks) stay valid. The one exception: under FSDP2 the
+first ``apply_mask`` after ``fully_shard`` replaces the whole mask by a DTensor sharded like the weight
+(``sparse_nlp.sharding``), once, as ``fully_shard`` itself replaced the weight.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparse_nlp.ops import masked_linear
+from sparse_nlp.sharding import is_sharded, local, local_part, shard_like, whole
 from sparse_nlp.targeting import LINEAR_TYPES
 
 
@@ -48,6 +52,8 @@ class SparseLinear(nn.Module):
 
     @property
     def nonzeros(self) -> int:
+        if is_sharded(self.mask):  # counted when the mask last changed: a sum here would be a collective
+            return self._sharded_nonzeros
         return int(self.mask.sum())
 
     @property
@@ -56,10 +62,48 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def apply_mask(self) -> None:
-        """Zero the weights at masked positions (after every optimizer step); NaN there becomes 0 too."""
-        self.base_layer.weight.masked_fill_(~self.mask, 0)
+        """Zero the weights at masked positions (after every optimizer step); NaN there becomes 0 too.
+
+        Under FSDP2 each rank zeroes its own shard; the first call after ``fully_shard`` shards the mask like the weight.
+        """
+        weight = self.base_layer.weight
+        if is_sharded(weight):
+            if not is_sharded(self.mask):
+                self._shard_mask_like(weight)
+            local(weight).masked_fill_(~local(self.mask), 0)
+            return
+        weight.masked_fill_(~self.mask, 0)
+
+    def _shard_mask_like(self, weight: torch.Tensor) -> None:
+        local_part(self.mask, weight)  # checks that the mask's shards line up with the weight's
+        self._sharded_nonzeros = int(self.mask.sum())  # still whole, and the same, on every rank
+        self.mask = shard_like(self.mask, weight)
+
+    # ---- the whole mask, for topology updates (collectives under FSDP2: call on every rank) -------------------
+    def whole_mask(self) -> torch.Tensor:
+        """The mask of the whole layer: the buffer itself, or under FSDP2 a gathered copy."""
+        return whole(self.mask)
+
+    @torch.no_grad()
+    def write_mask(self, mask: torch.Tensor) -> None:
+        """Make the layer's mask ``mask`` (whole, the same on every rank); each rank writes its own shard."""
+        if is_sharded(self.mask):
+            local(self.mask).copy_(local_part(mask, self.mask))
+            self._sharded_nonzeros = int(mask.sum())
+        elif mask is not self.mask:
+            self.mask.copy_(mask)
+
+    def recount(self) -> None:
+        """Under FSDP2, recount the active weights after the mask was loaded from a checkpoint."""
+        if is_sharded(self.mask):
+            self._sharded_nonzeros = int(self.whole_mask().sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_sharded(self.mask):
+            # FSDP2 gathered the weight, which apply_mask keeps exactly 0 at absent positions on every shard: the
+            # product is already sparse, and its weight gradient dense (as the straight-through mask makes it).
+            weight = self.weight
+            return F.linear(x, weight.t() if self.weight_is_in_out else weight, self.bias)
         return masked_linear(x, self.weight, self.mask, self.bias, self.weight_is_in_out)
 
     @torch.no_grad()

@@ -5,12 +5,16 @@
   reference implementation does (``adam="raw"``: ``exp_avg``).
 - Any other optimizer (Adagrad, RMSprop, plain SGD, ...): an exponential average of gradients kept here.
 The optimizer itself is never wrapped or patched: its state is read, and zeroed at regrown positions.
+Under FSDP2 parameters and their state are DTensor shards: momentum is read as a DTensor (the controller gathers it
+for an update), and each rank zeroes the regrown positions of its own shard.
 """
 from __future__ import annotations
 
 from typing import Iterable, Optional
 
 import torch
+
+from sparse_nlp.sharding import is_sharded, local, local_part, positions_mask, shard_like, whole
 
 ADAM_EPS = 1e-8
 
@@ -75,16 +79,25 @@ class MomentumTracker:
         if flat_positions.numel() == 0:
             return
         param = self.params[index]
-        for value in self.optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.view(-1)[flat_positions] = 0
+        slots = [value for value in self.optimizer.state.get(param, {}).values()
+                 if isinstance(value, torch.Tensor) and value.shape == param.shape]
         if index in self.gradient_average:
-            self.gradient_average[index].view(-1)[flat_positions] = 0
+            slots.append(self.gradient_average[index])
+        if is_sharded(param):  # positions of the whole parameter: this rank zeroes those in its shard
+            chosen = local_part(positions_mask(flat_positions, param), param)
+            for value in slots:
+                local(value)[chosen] = 0
+            return
+        for value in slots:
+            value.view(-1)[flat_positions] = 0
 
     def state_dict(self) -> dict:
-        return {"gradient_average": {i: t.clone() for i, t in self.gradient_average.items()}}
+        """Whole tensors (under FSDP2 gathered: call on every rank)."""
+        return {"gradient_average": {i: whole(t).clone() for i, t in self.gradient_average.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.gradient_average = {
-            int(i): t.to(self.params[int(i)].device) for i, t in state.get("gradient_average", {}).items()
-        }
+        self.gradient_average = {}
+        for i, saved in state.get("gradient_average", {}).items():
+            param = self.params[int(i)]
+            saved = saved.to(local(param).device)
+            self.gradient_average[int(i)] = shard_like(saved, param) if is_sharded(param) else saved

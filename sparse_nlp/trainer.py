@@ -17,8 +17,9 @@ Everything sparse happens in :class:`SparsityCallback` (which works in a plain T
   ``broadcast_buffers`` warns on every rank), not through ``args``, which stay as given;
 - block-sparse layers under DDP: DDP skips their resizable ``values`` and this trainer averages their gradients
   after each synchronising backward (``training_step``), before clipping and the optimizer step;
-- FSDP (and DeepSpeed) refused at start with one line: they shard or flatten the weights that the masks and the
-  block layout describe, so masks would not be applied where the optimizer writes. DDP keeps every weight whole.
+- FSDP2 (``fsdp=True, fsdp_config={"version": 2}``, or accelerate's FSDP config) for fine-grained layers: masks
+  are sharded beside their weights (``sparse_nlp.sharding``); FSDP1, DeepSpeed and block-sparse layers under FSDP
+  are refused at start with one line saying what to use instead.
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from sparse_nlp.block_layers import BlockSparseLinear
-from sparse_nlp.callback import CONTROLLER_FILE, SparsityCallback, sharded_engine_refusal
+from sparse_nlp.callback import CONTROLLER_FILE, SparsityCallback
 from sparse_nlp.clipping import clip_active_grad_norm_, supports_active_clipping
 from sparse_nlp.config import DENSE, SparsityConfig
 from sparse_nlp.console import hide_layer_densities
 from sparse_nlp.controller import SparsityController
 from sparse_nlp.distributed import NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp
+from sparse_nlp.sharding import BLOCK_LAYERS_REFUSAL, DEEPSPEED_REFUSAL, FSDP1_REFUSAL
 from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers, sparsify
 
 MATCHED_SETTINGS = ("density", "method", "distribution", "block_size")  # a resumed or pre-sparsified run must agree on these
@@ -60,8 +62,13 @@ class SparseTrainer(Trainer):
         self.sparsity_callback: Optional[SparsityCallback] = None
         if not sparse:
             return
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise sharded_engine_refusal("FSDP" if self.is_fsdp_enabled else "DeepSpeed")
+        if self.is_deepspeed_enabled:
+            raise ValueError(DEEPSPEED_REFUSAL)
+        if self.is_fsdp_enabled:
+            if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+                raise ValueError(FSDP1_REFUSAL)
+            if any(isinstance(layer, BlockSparseLinear) for _, layer in sparse_layers(model)):
+                raise ValueError(BLOCK_LAYERS_REFUSAL)
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SparsityCallback)]
         self.sparsity_callback = found[0] if found else SparsityCallback(config)
         if not found:
