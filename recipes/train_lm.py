@@ -46,6 +46,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sparse_nlp import SparseTrainer, SparsityConfig, unsparsify
 from sparse_nlp.config import DENSE
 from sparse_nlp.precision import has_fast_bf16
+from sparse_nlp.sharding import whole_state_dict
 from sparse_nlp.lm.data import group_token_counts, load_text_dataset, pack_into_blocks, tokenize_texts
 from sparse_nlp.lm.evaluation import concatenate_token_ids, evaluate_perplexity
 from sparse_nlp.lm.machine_load import OtherLoad
@@ -369,7 +370,13 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
     )
     if controller is not None:
         unsparsify(model)  # the final model is a plain transformers model: masked weights are exact zeros
-    trainer.save_model(run_dir)
+    if trainer.is_fsdp_enabled:  # FSDP2: whole weights (gathered on every rank), written by the main process
+        state = whole_state_dict(model)
+        if args.should_save:
+            model.save_pretrained(run_dir, state_dict=state)
+            tokenizer.save_pretrained(run_dir)
+    else:
+        trainer.save_model(run_dir)
     return result
 
 

@@ -97,3 +97,15 @@ def check_sharded_training(model: torch.nn.Module, has_block_layers: bool) -> No
         raise ValueError(FSDP1_REFUSAL)
     if has_block_layers and any(is_sharded(p) for p in model.parameters()):
         raise ValueError(BLOCK_LAYERS_REFUSAL)
+
+
+def whole_state_dict(model: torch.nn.Module) -> dict:
+    """The model's state dict with whole tensors on CPU, under FSDP2 gathered (call on every rank; every rank gets it).
+
+    For saving a final model as a plain transformers checkpoint: ``model.save_pretrained(folder, state_dict=...)``.
+    """
+    if not any(is_sharded(p) for p in model.parameters()):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))

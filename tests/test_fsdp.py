@@ -7,6 +7,9 @@ again resumed from its step-3 checkpoint:
 - ``SparseTrainer`` with ``fsdp=True, fsdp_config={"version": 2, ...}`` and sharded checkpoints.
 The same logged losses, masks and final weights as one process (up to rounding: see test_distributed_trainer's
 ``_learned``), masks sharded like their weights, and masked weights exactly 0 on every shard after every step.
+And recipes/train_lm.py under the environment ``accelerate launch --config_file recipes/accelerate_fsdp_config.yaml``
+gives its processes: it trains, and saves a plain transformers model with the sparse weights gathered.
+(accelerate enables FSDP on GPU backends only; ``fsdp_helpers.fsdp_on_cpu`` runs its FSDP path on these CPU ranks.)
 """
 from __future__ import annotations
 
@@ -122,6 +125,23 @@ def _trainer_outcome(trainer: SparseTrainer) -> dict:
     return outcome | {"zero_after_every_step": _masked_weights_are_zero(trainer.model)}
 
 
+def _recipe_under_the_shipped_config(folder: Path) -> dict:
+    from fsdp_helpers import fsdp_on_cpu, launcher_environment
+    from test_recipe import ROOT, _tiny_flags, _write_text, train_lm
+
+    train, valid = folder / "train.txt", folder / "valid.txt"
+    if dist.get_rank() == 0:
+        folder.mkdir(parents=True)
+        _write_text(train, 600, 0), _write_text(valid, 60, 1)
+    dist.barrier()
+    os.environ.update(launcher_environment(str(ROOT / "recipes" / "accelerate_fsdp_config.yaml")))
+    flags = _tiny_flags(folder / "out", folder / "cache", "--train_file", str(train), "--validation_file", str(valid),
+                        "--use_cpu", "true", "--dense_baseline", "false", "--config_overrides", "n_layer=2,n_embd=32,n_head=2")
+    with fsdp_on_cpu():
+        (result,) = train_lm.main(flags)
+    return {"density": result.density, "val_perplexity": result.val_perplexity, "updates": result.topology_updates}
+
+
 def _run_ranks(folder: Path) -> None:
     from fsdp_helpers import fsdp_on_cpu
 
@@ -135,15 +155,21 @@ def _run_ranks(folder: Path) -> None:
         resumed = _trainer(folder / "trainer" / "resumed", WHOLE_BATCH // 2, fsdp=True)
         resumed.train(resume_from_checkpoint=str(folder / "trainer" / "straight" / f"checkpoint-{SAVED_AT}"))
         results["trainer/resumed"] = _trainer_outcome(resumed)
+    results["recipe"] = _recipe_under_the_shipped_config(folder / "recipe")  # last: it sets accelerate's variables
     if dist.get_rank() == 0:
         torch.save(results, folder / "ranks.pt")
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict:
+def ranks_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fsdp")
     run_two_ranks(Path(__file__).resolve(), folder, timeout=400)
-    return torch.load(folder / "ranks.pt", weights_only=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ranks_folder) -> dict:
+    return torch.load(ranks_folder / "ranks.pt", weights_only=True)
 
 
 def _reference(way: str, folder: Path) -> tuple[dict, torch.Tensor]:
@@ -173,6 +199,17 @@ def test_fsdp2_two_ranks_equal_one_process_with_the_whole_batch(way, two_ranks, 
         reference = expected["losses"][SAVED_AT:] if (way, run) == ("loop", "resumed") else expected["losses"]
         torch.testing.assert_close(got["losses"], reference, rtol=1e-5, atol=1e-6, msg=run)
         torch.testing.assert_close(got["weights"][learned], expected["weights"][learned], rtol=1e-4, atol=1e-5, msg=run)
+
+
+def test_recipe_under_the_shipped_fsdp_config_trains_and_saves_a_plain_sparse_model(two_ranks, ranks_folder):
+    from transformers import AutoModelForCausalLM
+
+    got = two_ranks["recipe"]
+    assert abs(got["density"] - 0.2) < 0.01 and got["updates"] == 2 and 1 < got["val_perplexity"] < 1000
+    saved = AutoModelForCausalLM.from_pretrained(ranks_folder / "recipe" / "out" / "sparse")  # whole, plain weights
+    linear = [m.weight for name, m in saved.named_modules() if name.endswith(("c_attn", "c_proj", "c_fc"))]
+    nonzero = sum(int((w != 0).sum()) for w in linear) / sum(w.numel() for w in linear)
+    assert abs(nonzero - got["density"]) < 0.005
 
 
 if __name__ == "__main__":  # the two ranks of the torchrun above
