@@ -142,6 +142,16 @@ def _recipe_under_the_shipped_config(folder: Path) -> dict:
     return {"density": result.density, "val_perplexity": result.val_perplexity, "updates": result.topology_updates}
 
 
+MEMORY_BENCH_MODEL = ["--n_layer", "2", "--n_embd", "64", "--seq_length", "16"]
+
+
+def _memory_bench(mode: str = "fsdp2") -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_fsdp_memory import main
+
+    return main(["--mode", mode, *MEMORY_BENCH_MODEL])
+
+
 def _run_ranks(folder: Path) -> None:
     from fsdp_helpers import fsdp_on_cpu
 
@@ -155,6 +165,7 @@ def _run_ranks(folder: Path) -> None:
         resumed = _trainer(folder / "trainer" / "resumed", WHOLE_BATCH // 2, fsdp=True)
         resumed.train(resume_from_checkpoint=str(folder / "trainer" / "straight" / f"checkpoint-{SAVED_AT}"))
         results["trainer/resumed"] = _trainer_outcome(resumed)
+    results["memory"] = _memory_bench()
     results["recipe"] = _recipe_under_the_shipped_config(folder / "recipe")  # last: it sets accelerate's variables
     if dist.get_rank() == 0:
         torch.save(results, folder / "ranks.pt")
@@ -199,6 +210,14 @@ def test_fsdp2_two_ranks_equal_one_process_with_the_whole_batch(way, two_ranks, 
         reference = expected["losses"][SAVED_AT:] if (way, run) == ("loop", "resumed") else expected["losses"]
         torch.testing.assert_close(got["losses"], reference, rtol=1e-5, atol=1e-6, msg=run)
         torch.testing.assert_close(got["weights"][learned], expected["weights"][learned], rtol=1e-4, atol=1e-5, msg=run)
+
+
+def test_memory_bench_counts_half_of_everything_per_rank_on_two_ranks(two_ranks):
+    replicated, sharded = _memory_bench("replicated"), two_ranks["memory"]
+    assert replicated["topology_updates"] == sharded["topology_updates"] == 2
+    assert sharded["bytes"]["masks"] * 2 == replicated["bytes"]["masks"] > 0  # sharded beside their weights
+    for kind in ("parameters", "gradients", "optimizer_state"):  # rank 0 holds the odd 50,257th embedding row
+        assert abs(sharded["bytes"][kind] * 2 - replicated["bytes"][kind]) <= 1e-3 * replicated["bytes"][kind], kind
 
 
 def test_recipe_under_the_shipped_fsdp_config_trains_and_saves_a_plain_sparse_model(two_ranks, ranks_folder):
