@@ -7,7 +7,7 @@
 
 A GPT-2 (24 x 1,024 by default: 355M parameters, 302M of them in the linear layers) trains two AdamW steps with a
 topology update after the first, on the CPU (gloo). Then the bytes each rank holds are counted tensor by tensor: the
-local shards of parameters, gradients (read after the optimizer step, before they are zeroed), optimizer state and
+local shards of parameters, gradients (read after the optimizer step, before the controller's), optimizer state and
 masks. DDP keeps a whole replica on every rank, so "replicated" is measured on one process (DDP adds its gradient
 buckets, another copy of the gradients unless gradient_as_bucket_view=True, not counted here). Also printed: the
 whole-layer copies a topology update gathers under FSDP2 (weight, mask and momentum of every sparse layer), which
@@ -63,9 +63,9 @@ def main(argv=None) -> dict:
     for _ in range(2):
         model(tokens, labels=tokens).loss.backward()
         optimizer.step()
+        grads = _bytes([p.grad for p in model.parameters() if p.grad is not None])  # (an update resizes block values)
         if controller is not None:
             controller.step()
-        grads = _bytes([p.grad for p in model.parameters() if p.grad is not None])
         optimizer.zero_grad()
     params = list(model.parameters())
     layers = sparse_layers(model) if sparse else []

@@ -9,6 +9,7 @@ print their perplexities side by side.
         --dataset_config_name wikitext-103-raw-v1 --config_overrides n_layer=12,n_embd=768,n_head=12 \\
         --seq_length 1024 --max_steps 20000 --per_device_train_batch_size 16 --bf16
     torchrun --standalone --nproc_per_node 2 recipes/train_lm.py --use_cpu    # DDP over gloo on CPUs
+    accelerate launch --config_file recipes/accelerate_fsdp_config.yaml --num_processes 8 recipes/train_lm.py  # FSDP2
 
 Flags: every field below, every `SparsityConfig` field (its `seed` is `--seed`) and every `TrainingArguments`
 field (`--help` lists them). Training prints one line per topology update; per-layer densities go to the
