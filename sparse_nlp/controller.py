@@ -157,8 +157,8 @@ class SparsityController:
                 if is_distributed():  # rank 0's blocks, before the values move (they must match the mask)
                     broadcast_masks([state.mask])
                 layer.set_block_mask(state.mask, self.optimizer)
-            elif self.config.regrown_state == "reset":
-                self.momentum.reset(i, grown)
+            elif self.config.regrown_state != "keep":  # reset: every slot zeroed; fresh: the gradient scale kept
+                self.momentum.reset(i, grown, keep_scale=self.config.regrown_state == "fresh")
             if int(layer.mask.sum()) != expected:  # cannot happen unless a method breaks the contract: fail loudly
                 raise RuntimeError(f"{state.name}: {int(layer.mask.sum())} active units after update, planned {expected}.")
         if self.config.block_momentum == "fast":  # the next window starts afresh
@@ -167,7 +167,7 @@ class SparsityController:
         if is_distributed():  # fine-grained layers: rank 0's masks, and fresh momentum where this rank's differed
             fine = [i for i, (_, layer) in enumerate(self.layers) if not isinstance(layer, BlockSparseLinear)]
             for i, changed in zip(fine, broadcast_masks([self.layers[i][1].mask for i in fine])):
-                self.momentum.reset(i, changed)
+                self.momentum.reset(i, changed, keep_scale=self.config.regrown_state == "fresh")
         self.apply_masks()
         self.update_count += 1
         self.density_history.append(self._density_record())

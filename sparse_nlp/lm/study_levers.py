@@ -36,6 +36,8 @@ LEVERS = (
     Lever("adam-raw", ("--adam_momentum", "raw"), "momentum read as AdamW's exp_avg, not exp_avg / sqrt(exp_avg_sq)"),
     Lever("regrown-keep", ("--regrown_state", "keep"),
           "regrown weights keep the AdamW state gathered while absent, not zeroed"),
+    Lever("regrown-fresh", ("--regrown_state", "fresh"),
+          "regrown weights zero AdamW's exp_avg but keep exp_avg_sq (the gradient scale), not both zeroed"),
 )
 LEVERS_BY_NAME = {lever.name: lever for lever in LEVERS}
 REFERENCES = (("momentum", "sparse momentum (study default)"), ("static", "static"), ("set", "SET"),
