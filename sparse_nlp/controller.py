@@ -65,7 +65,8 @@ class SparsityController:
                     "optimizer steps>."
                 )
             self.schedule = TopologySchedule(
-                total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay, config.update_end_fraction
+                total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay,
+                config.update_end_fraction, skip_zero_rate=self.method.prunes_by_rate,
             )
         self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
         # Fine-grained layers: momentum from the optimizer, or a gradient average kept here (block layers: see
@@ -103,8 +104,8 @@ class SparsityController:
         """Tell block layers whether the next step's backward should also compute the dense dW."""
         collect = False
         if self._collects_dense_grads():
-            if self.config.block_momentum == "exact":
-                collect = True
+            if self.config.block_momentum == "exact":  # every step up to the last update, none after it
+                collect = self.step_count < self.schedule.last_update_step
             else:  # fast: only in the window of steps just before the next update
                 upcoming = self.step_count + 1
                 interval = self.config.update_interval
