@@ -166,8 +166,8 @@ def train(args, state: str, seed: int, blocks, tokenizer) -> dict:
     ppl = evaluate_perplexity(model, concatenate_token_ids(blocks["validation"]), context_length=args.seq_length,
                               stride=args.seq_length // 2, batch_size=32, show_progress=False)["perplexity"]
     halves = {}
-    for name, keep in (("first_half", lambda r: r["step"] <= args.steps // 2), ("second_half", lambda r: r["step"] > args.steps // 2)):
-        chosen = [r for r in probe.records if keep(r)]
+    for name, late in (("first_half", False), ("second_half", True)):
+        chosen = [r for r in probe.records if (r["step"] > args.steps // 2) == late]
         halves[name] = {key: round(statistics.mean(r[key] for r in chosen if key in r and not math.isnan(r[key])), 3)
                         for key in ("step_ratio_1", "step_ratio_10", "fresh_ratio_1", "fresh_ratio_10",
                                     "momentum_ratio", "predicted", "regrown_in_place")
