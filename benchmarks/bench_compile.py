@@ -67,11 +67,13 @@ class Variant:
         self.controller = None
         self.optimizer = None
         if kind == "block":
-            # One or two updates inside the warm-up, none while timing (update_end_fraction).
+            # One or two updates inside the warm-up, none while timing (update_end_fraction): the window ends a step
+            # after the warm-up, so that the update at its last step prunes at a positive rate (at rate 0 it would
+            # not be scheduled) and the warm-up collects dense gradients throughout.
             total = args.warmup + 1 + args.rounds * args.steps
             sparsify(self.model, config=SparsityConfig(
                 density=args.density or density, block_size=args.block_size or block,
-                update_interval=max(2, args.warmup // 2), update_end_fraction=args.warmup / total))
+                update_interval=max(2, args.warmup // 2), update_end_fraction=(args.warmup + 1.5) / total))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         if kind == "block":
             self.controller = SparsityController(self.model, self.optimizer, total_steps=total)

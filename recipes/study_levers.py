@@ -1,6 +1,6 @@
 """Levers on sparse momentum: the study's sparse momentum with one setting changed at a time.
 
-    nohup accelerate launch recipes/study_levers.py > levers.log 2>&1 &     # 6 runs at density 0.05, ~45 min on
+    nohup accelerate launch recipes/study_levers.py > levers.log 2>&1 &     # 7 runs at density 0.05, ~55 min on
                                                                             # 2 CPU cores; run it again to resume
     accelerate launch recipes/study_levers.py --levers erk adam-raw --density 0.1 --seeds 0 1
 

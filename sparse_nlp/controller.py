@@ -66,7 +66,8 @@ class SparsityController:
                     "optimizer steps>."
                 )
             self.schedule = TopologySchedule(
-                total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay, config.update_end_fraction
+                total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay,
+                config.update_end_fraction, skip_zero_rate=self.method.prunes_by_rate,
             )
         self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
         check_sharded_training(model, bool(self.block_layers))  # FSDP1, or block layers under FSDP: one line
@@ -106,8 +107,8 @@ class SparsityController:
         """Tell block layers whether the next step's backward should also compute the dense dW."""
         collect = False
         if self._collects_dense_grads():
-            if self.config.block_momentum == "exact":
-                collect = True
+            if self.config.block_momentum == "exact":  # every step up to the last update, none after it
+                collect = self.step_count < self.schedule.last_update_step
             else:  # fast: only in the window of steps just before the next update
                 upcoming = self.step_count + 1
                 interval = self.config.update_interval
@@ -162,8 +163,8 @@ class SparsityController:
                 layer.set_block_mask(state.mask, self.optimizer)
             elif is_sharded(layer.mask):  # FSDP2: the state was a gathered copy; each rank writes its shard back
                 self._write_sharded_update(i, layer, state.mask, grown)
-            elif self.config.regrown_state == "reset":
-                self.momentum.reset(i, grown)
+            elif self.config.regrown_state != "keep":  # reset: every slot zeroed; fresh: the gradient scale kept
+                self.momentum.reset(i, grown, keep_scale=self.config.regrown_state == "fresh")
             active = layer.nonzeros if is_sharded(layer.mask) else int(layer.mask.sum())  # units: weights or blocks
             if active != expected:  # cannot happen unless a method breaks the contract: fail loudly
                 raise RuntimeError(f"{state.name}: {active} active units after update, planned {expected}.")
@@ -174,7 +175,7 @@ class SparsityController:
             fine = [i for i, (_, layer) in enumerate(self.layers)
                     if not isinstance(layer, BlockSparseLinear) and not is_sharded(layer.mask)]
             for i, changed in zip(fine, broadcast_masks([self.layers[i][1].mask for i in fine])):
-                self.momentum.reset(i, changed)
+                self.momentum.reset(i, changed, keep_scale=self.config.regrown_state == "fresh")
         self.apply_masks()
         self.update_count += 1
         self.density_history.append(self._density_record())
@@ -190,14 +191,14 @@ class SparsityController:
     @torch.no_grad()
     def _write_sharded_update(self, index: int, layer, mask: torch.Tensor, grown: torch.Tensor) -> None:
         """FSDP2: rank 0's whole new ``mask`` into every rank's shard; zero weights and state at grown positions."""
-        reset = [grown] if self.config.regrown_state == "reset" else []
+        reset = [grown] if self.config.regrown_state != "keep" else []
         if is_distributed():  # every rank decided from the same gathered bytes; rank 0's decision wins anyway
             reset += broadcast_masks([mask])
         layer.write_mask(mask)
         weight = layer.weight.data
         local(weight).masked_fill_(local_part(positions_mask(grown, weight), weight), 0)  # regrown in place: from 0
         for positions in reset:
-            self.momentum.reset(index, positions)
+            self.momentum.reset(index, positions, keep_scale=self.config.regrown_state == "fresh")
 
     @staticmethod
     def _whole_mask(layer) -> torch.Tensor:

@@ -1,12 +1,24 @@
-"""Reading momentum from any optimizer, and resetting its state where weights are regrown.
+"""Reading momentum from any optimizer, and restarting its state where weights are regrown.
 
 - SGD with momentum: ``momentum_buffer``.
 - Adam / AdamW (anything with ``exp_avg`` and ``exp_avg_sq``): ``exp_avg / (sqrt(exp_avg_sq) + eps)``, as the
   reference implementation does (``adam="raw"``: ``exp_avg``).
 - Any other optimizer (Adagrad, RMSprop, plain SGD, ...): an exponential average of gradients kept here.
-The optimizer itself is never wrapped or patched: its state is read, and zeroed at regrown positions.
+The optimizer itself is never wrapped or patched: its state is read, and written at regrown positions.
 Under FSDP2 parameters and their state are DTensor shards: momentum is read as a DTensor (the controller gathers it
-for an update), and each rank zeroes the regrown positions of its own shard.
+for an update), and each rank writes the regrown positions of its own shard.
+
+Where a weight is regrown (``regrown_state``): ``reset`` zeroes every slot of the weight's shape; ``fresh`` zeroes
+the momentum slots and keeps the gradient-scale slots (``SCALE_SLOTS``); ``keep`` writes nothing. Why keeping the
+scale is the fresh start: AdamW bias-corrects with one step count per tensor, t. After a reset, a regrown weight's
+``exp_avg_sq`` averages only its k << t squared gradients since regrowth but is divided by 1 - b2^t, not 1 - b2^k:
+it reads (1 - b2^k) / (1 - b2^t) of the mean squared gradient, so its steps and its normalised momentum come out too
+large (t = 1,000: steps ~5x a fresh parameter's at k = 10; momentum read ~2.6x at the next update, k = 100). The
+straight-through mask sends the gradient to absent weights at every step, so their ``exp_avg_sq`` averages t
+squared gradients at that very position on the tensor's own clock: what a fresh parameter's bias-corrected
+``exp_avg_sq`` estimates, with less noise. Momentum restarts at zero as a fresh parameter's does (``keep`` carries
+the momentum gathered while absent into the first steps); not corrected for k, it builds up over ~20 steps, so a
+regrown weight's first steps are smaller than an established weight's and grow to them.
 """
 from __future__ import annotations
 
@@ -17,6 +29,9 @@ import torch
 from sparse_nlp.sharding import is_sharded, local, local_part, positions_mask, shard_like, whole
 
 ADAM_EPS = 1e-8
+# Optimizer slots that estimate the gradient's scale, not its direction (AdamW / AMSGrad, Adamax, RMSprop and
+# Adadelta, Adagrad): ``regrown_state="fresh"`` keeps them at regrown positions. Every other slot is zeroed there.
+SCALE_SLOTS = ("exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "acc_delta", "sum")
 
 
 def optimizer_momentum(state: dict, adam: str = "normalized") -> Optional[torch.Tensor]:
@@ -74,13 +89,17 @@ class MomentumTracker:
         return torch.zeros_like(param)  # nothing observed yet: no position is preferred
 
     @torch.no_grad()
-    def reset(self, index: int, flat_positions: torch.Tensor) -> None:
-        """Zero every optimizer slot of the parameter's shape (AdamW: exp_avg and exp_avg_sq) at these positions."""
+    def reset(self, index: int, flat_positions: torch.Tensor, keep_scale: bool = False) -> None:
+        """Zero every optimizer slot of the parameter's shape (AdamW: exp_avg and exp_avg_sq) at these positions.
+
+        ``keep_scale``: leave the ``SCALE_SLOTS`` (AdamW: exp_avg_sq) as they are, zero the rest (exp_avg).
+        """
         if flat_positions.numel() == 0:
             return
         param = self.params[index]
-        slots = [value for value in self.optimizer.state.get(param, {}).values()
-                 if isinstance(value, torch.Tensor) and value.shape == param.shape]
+        slots = [value for slot, value in self.optimizer.state.get(param, {}).items()
+                 if isinstance(value, torch.Tensor) and value.shape == param.shape
+                 and not (keep_scale and slot in SCALE_SLOTS)]
         if index in self.gradient_average:
             slots.append(self.gradient_average[index])
         if is_sharded(param):  # positions of the whole parameter: this rank zeroes those in its shard

@@ -10,8 +10,12 @@ class TopologySchedule:
     total_steps: int  # optimizer steps in the whole run
     update_interval: int  # optimizer steps between topology updates
     prune_rate: float  # prune rate at step 0
-    decay: str = "cosine"  # "cosine": to 0 at the end of the update window, as the reference; "constant"
+    decay: str = "cosine"  # "cosine": to 0 at the end of the update window (the reference: to 0.005); "constant"
     end_fraction: float = 1.0  # updates stop after this fraction of training
+    # True for methods that prune by the rate (sparse momentum, RigL, SET): an update at rate 0 would prune and grow
+    # nothing, so it is not scheduled (nor, in block mode, the dense-gradient window before it). Cosine reaches 0
+    # exactly at end_step, which is an update step whenever the interval divides it.
+    skip_zero_rate: bool = False
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -25,7 +29,11 @@ class TopologySchedule:
     @property
     def last_update_step(self) -> int:
         """The last step that updates the topology (0: none does)."""
-        return (self.end_step // self.update_interval) * self.update_interval
+        last = (self.end_step // self.update_interval) * self.update_interval
+        if self.skip_zero_rate and last > 0 and self.prune_rate_at(last) == 0:
+            # cosine is 0 only at end_step; a constant rate of 0 is 0 everywhere
+            last = 0 if self.prune_rate_at(self.update_interval) == 0 else last - self.update_interval
+        return last
 
     @property
     def num_updates(self) -> int:

@@ -112,13 +112,14 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(kind, two_ranks, tmp_p
     learned = _learned(reference.model)
     initial = torch.cat([layer.mask.reshape(-1).to(torch.uint8) for _, layer in sparse_layers(
         _trainer(tmp_path / "initial", BLOCK_SIZES[kind], WHOLE_BATCH).model)])
-    assert expected["updates"] == 3 and not torch.equal(expected["masks"], initial)  # the topology did move
+    # steps 2 and 4 (step 6's would prune at rate 0: skipped); the topology did move
+    assert expected["updates"] == 2 and not torch.equal(expected["masks"], initial)
     for run in ("straight", "resumed"):
         got = two_ranks[0][f"{kind}/{run}"]
         rank0, rank1 = got["weights_per_rank"]
         torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
         assert torch.equal(got["masks_per_rank"][0], got["masks_per_rank"][1])
-        assert got["updates"] == 3, run
+        assert got["updates"] == 2, run
         assert torch.equal(got["masks"], expected["masks"]), run
         torch.testing.assert_close(got["losses"], expected["losses"], rtol=1e-5, atol=1e-6, msg=run)
         torch.testing.assert_close(got["weights"][learned], expected["weights"][learned], rtol=1e-4, atol=1e-5, msg=run)

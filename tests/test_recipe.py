@@ -59,18 +59,18 @@ def test_local_text_trains_sparse_and_dense(text_files, tmp_path, capsys):
     sparse, dense = results
     assert (sparse.run, sparse.method, dense.run, dense.method) == ("sparse", "momentum", "dense", "dense")
     assert sparse.density == pytest.approx(0.2, abs=1e-3) and dense.density == 1.0
-    assert sparse.topology_updates == 2 and sparse.train_tokens == dense.train_tokens == 4 * 16 * 32
+    assert sparse.topology_updates == 1 and sparse.train_tokens == dense.train_tokens == 4 * 16 * 32
     assert sparse.nonzero_params < dense.nonzero_params == dense.total_params == sparse.total_params
     assert all(torch.isfinite(torch.tensor(r.val_perplexity)) for r in results) and sparse.test_perplexity is None
     printed = capsys.readouterr().out
     assert "| run " in printed and "| sparse" in printed and "| dense " in printed
     # one compact line per topology update; per-layer densities only in the results files (and report_to)
-    assert "update 1/2 (step 2): prune rate " in printed and "update 2/2 (step 4): " in printed
+    assert "update 1/1 (step 2): prune rate " in printed and "(step 4)" not in printed  # step 4: rate 0, skipped
     assert "sparsity/transformer" not in printed
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["run"] for r in saved["runs"]] == ["sparse", "dense"]
     history = saved["runs"][0]["density_history"]
-    assert [record["step"] for record in history] == [0, 2, 4] and len(history[-1]["densities"]) == 4
+    assert [record["step"] for record in history] == [0, 2] and len(history[-1]["densities"]) == 4
     assert saved["runs"][1]["density_history"] == []
     assert [step for step, _ in saved["runs"][0]["loss_history"]] == [2, 4] == [s for s, _ in saved["runs"][1]["loss_history"]]
     markdown = (tmp_path / "results.md").read_text()
@@ -171,8 +171,10 @@ def test_resume_from_another_density_or_model_is_one_line(text_files, tmp_path):
         train_lm.main(_tiny_flags(tmp_path / "c", cache, *data[:4], "--resume_from_checkpoint", checkpoint))
     resumed = train_lm.main(_tiny_flags(tmp_path / "a", cache, *data, "--resume_from_checkpoint", "last",
                                         "--max_steps", "6"))
-    assert resumed[0].topology_updates == 3 and resumed[0].train_tokens == 6 * 16 * 32
-    assert [record["step"] for record in resumed[0].density_history] == [0, 2, 4, 6]  # the history survived
+    # Step 2 updated in the first run (its step 4 was its last, at prune rate 0: no update); the resumed run's
+    # schedule over 6 steps has its last update at step 4, already behind it, and none at 6 (rate 0).
+    assert resumed[0].topology_updates == 1 and resumed[0].train_tokens == 6 * 16 * 32
+    assert [record["step"] for record in resumed[0].density_history] == [0, 2]  # the history survived
 
 
 def test_use_all_cores_undoes_the_launchers_single_thread(monkeypatch):

@@ -32,10 +32,12 @@ LEVERS = (
     Lever("erk", ("--distribution", "erk"), "initial per-layer density by ERK (RigL) instead of uniform"),
     Lever("end-0.75", ("--update_end_fraction", "0.75"), "topology updates stop at 75% of training (RigL), not 100%"),
     Lever("prune-0.3", ("--prune_rate", "0.3"), "first update prunes 30% (RigL's drop fraction), not 50%"),
-    Lever("interval-200", ("--update_interval", "200"), "an update every 200 steps (8 in all), not every 100 (16)"),
+    Lever("interval-200", ("--update_interval", "200"), "an update every 200 steps (7 in all), not every 100 (15)"),
     Lever("adam-raw", ("--adam_momentum", "raw"), "momentum read as AdamW's exp_avg, not exp_avg / sqrt(exp_avg_sq)"),
     Lever("regrown-keep", ("--regrown_state", "keep"),
           "regrown weights keep the AdamW state gathered while absent, not zeroed"),
+    Lever("regrown-fresh", ("--regrown_state", "fresh"),
+          "regrown weights zero AdamW's exp_avg but keep exp_avg_sq (the gradient scale), not both zeroed"),
 )
 LEVERS_BY_NAME = {lever.name: lever for lever in LEVERS}
 REFERENCES = (("momentum", "sparse momentum (study default)"), ("static", "static"), ("set", "SET"),

@@ -57,6 +57,9 @@ class TopologyMethod:
     needs_gradient: ClassVar[bool] = False  # controller supplies LayerState.gradient (dense)
     updates_topology: ClassVar[bool] = True  # False: the mask never changes after sparsify
     starts_dense: ClassVar[bool] = False  # True: sparsify starts from all-ones masks (gradual pruning)
+    # True: each update prunes by the schedule's rate (the default plan), so one at rate 0 is a no-op and the
+    # schedule leaves it out (cosine decay's last update). False: the plan ignores the rate (gradual pruning).
+    prunes_by_rate: ClassVar[bool] = True
 
     def plan(self, layers: Sequence[LayerState], prune_rate: float, progress: float) -> list[LayerPlan]:
         """How many weights each layer prunes and grows. Default: regrow in place what was pruned."""

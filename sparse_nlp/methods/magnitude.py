@@ -18,6 +18,7 @@ def scheduled_nonzeros(layer: LayerState, progress: float) -> int:
 class GradualMagnitude(TopologyMethod):
     name = "magnitude"
     starts_dense = True
+    prunes_by_rate = False  # its last update, at rate 0, is where it reaches the target density
 
     def plan(self, layers: Sequence[LayerState], prune_rate: float, progress: float) -> list[LayerPlan]:
         return [LayerPlan(prune=max(0, layer.nonzeros - scheduled_nonzeros(layer, progress)), grow=0) for layer in layers]
