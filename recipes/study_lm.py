@@ -53,7 +53,7 @@ from sparse_nlp.lm.study_tables import write_study  # noqa: E402
 
 GRID_FIELDS = ("density", "method", "block_size")  # SparsityConfig fields the grid sets per run
 # Sparsity options added after results were first written; those files hold the value every run had then.
-ADDED_SETTINGS = {"sparsity.adam_momentum": "normalized", "sparsity.regrown_state": "reset",
+ADDED_SETTINGS = {"sparsity.adam_momentum": "normalized", "sparsity.regrown_state": "reset", "sparsity.fused_qkv": "joint",
                   "sparsity.block_scores": "optimizer"}
 # every 100 steps (the reference's interval): 15 topology updates in 1,600 steps (the 16th, at step 1,600, would prune
 # at rate 0 and is not scheduled; results from before that change counted it)

@@ -12,6 +12,7 @@ BLOCK_MOMENTA = ("exact", "fast")
 ADAM_MOMENTA = ("normalized", "raw")
 REGROWN_STATES = ("reset", "fresh", "keep")
 BLOCK_SCORES = ("optimizer", "collected")
+FUSED_QKV = ("joint", "split")
 DENSE = "dense"  # not a sparsity method: recipes train the dense baseline when they see it
 
 
@@ -75,6 +76,13 @@ class SparsityConfig:
             "which trained 1.7% better than fresh in a small measurement: docs/study.md), fresh (momentum zeroed, "
             "gradient scale such as exp_avg_sq kept: steps no larger than a fresh parameter's) or keep (all "
             "the state gathered from the straight-through gradients while absent, as the reference since v1.0)."
+        },
+    )
+    fused_qkv: str = field(
+        default="joint",
+        metadata={
+            "help": "Fused query/key/value projections (GPT-2's c_attn, GPT-NeoX, Falcon, Phi-3): joint (one topology "
+            "unit per layer) or split (q, k and v are separate units with their own budgets, as three layers)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for the initial masks and random growth."})
@@ -142,6 +150,10 @@ class SparsityConfig:
         if self.regrown_state != "reset" and self.block_size > 1:
             raise ValueError(f"regrown_state={self.regrown_state} needs fine-grained masks (block_size 1): "
                              "block-sparse layers keep no optimizer state for absent blocks (new ones start at zero).")
+        if self.fused_qkv not in FUSED_QKV:
+            raise ValueError(f"unknown fused_qkv {self.fused_qkv!r}; choose joint or split.")
+        if self.fused_qkv == "split" and self.block_size > 1:
+            raise ValueError("fused_qkv=split needs fine-grained masks (block_size 1); block layers move whole blocks.")
         if self.target_modules is not None and self.target_regex is not None:
             raise ValueError("give either target_modules or target_regex, not both.")
 

@@ -18,6 +18,7 @@ from sparse_nlp.block_layers import BlockSparseLinear
 from sparse_nlp.block_topology import block_layer_state
 from sparse_nlp.config import SparsityConfig
 from sparse_nlp.distributed import all_reduce_dense_grads, broadcast_masks, check_block_values_agree, is_distributed
+from sparse_nlp.fused_qkv import q_k_v_slices
 from sparse_nlp.methods import LayerState, get_method, update_layer_topology
 from sparse_nlp.optimizer_state import MomentumTracker
 from sparse_nlp.schedule import TopologySchedule
@@ -70,6 +71,7 @@ class SparsityController:
                 config.update_end_fraction, skip_zero_rate=self.method.prunes_by_rate,
             )
         self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
+        self.unit_slices = self._unit_slices(model)  # per layer: [None] (the whole layer), or its q/k/v slices
         check_sharded_training(model, bool(self.block_layers))  # FSDP1, or block layers under FSDP: one line
         self.apply_masks()  # under FSDP2: shards each mask like its weight (sparse_nlp.sharding)
         # Fine-grained layers: momentum from the optimizer, or a gradient average kept here (block layers: see
@@ -151,12 +153,20 @@ class SparsityController:
             check_block_values_agree([(n, l) for n, l in self.layers if isinstance(l, BlockSparseLinear)])
         prune_rate = self.schedule.prune_rate_at(self.step_count)
         states = [self._layer_state(i, name, layer) for i, (name, layer) in enumerate(self.layers)]
-        plans = self.method.plan(states, prune_rate, self.schedule.progress(self.step_count))
-        for i, ((_, layer), state, plan) in enumerate(zip(self.layers, states, plans)):
-            expected = state.nonzeros - plan.prune + plan.grow
-            prune_scores = self.method.prune_scores(state)
-            grow_scores = self.method.grow_scores(state) if plan.grow else None
-            grown = update_layer_topology(state, plan, prune_scores, grow_scores)
+        # The topology units the method sees: a layer, or with fused_qkv="split" each of q, k, v of a fused one.
+        units = [(i, piece, piece.unit_state(state) if piece is not None else state)
+                 for i, state in enumerate(states) for piece in self.unit_slices[i]]
+        plans = self.method.plan([unit for _, _, unit in units], prune_rate, self.schedule.progress(self.step_count))
+        expected = [0] * len(self.layers)
+        grown_in = [[] for _ in self.layers]
+        for (i, piece, unit), plan in zip(units, plans):
+            expected[i] += unit.nonzeros - plan.prune + plan.grow
+            prune_scores = self.method.prune_scores(unit)
+            grow_scores = self.method.grow_scores(unit) if plan.grow else None
+            grown = update_layer_topology(unit, plan, prune_scores, grow_scores)
+            grown_in[i].append(piece.write_back(states[i], unit, grown) if piece is not None else grown)
+        for i, ((_, layer), state) in enumerate(zip(self.layers, states)):
+            grown = torch.cat(grown_in[i])
             if isinstance(layer, BlockSparseLinear):  # the state was a copy over blocks: move the blocks now
                 if is_distributed():  # rank 0's blocks, before the values move (they must match the mask)
                     broadcast_masks([state.mask])
@@ -166,8 +176,8 @@ class SparsityController:
             elif self.config.regrown_state != "keep":  # reset: every slot zeroed; fresh: the gradient scale kept
                 self.momentum.reset(i, grown, keep_scale=self.config.regrown_state == "fresh")
             active = layer.nonzeros if is_sharded(layer.mask) else int(layer.mask.sum())  # units: weights or blocks
-            if active != expected:  # cannot happen unless a method breaks the contract: fail loudly
-                raise RuntimeError(f"{state.name}: {active} active units after update, planned {expected}.")
+            if active != expected[i]:  # cannot happen unless a method breaks the contract: fail loudly
+                raise RuntimeError(f"{state.name}: {active} active units after update, planned {expected[i]}.")
         if self.config.block_momentum == "fast":  # the next window starts afresh
             for layer in self.block_layers:
                 layer.clear_dense_grad()
@@ -187,6 +197,15 @@ class SparsityController:
             "moved": moved,
             "removed": removed,
         }
+
+    def _unit_slices(self, model: nn.Module) -> list[list]:
+        if self.config.fused_qkv == "joint":
+            return [[None] for _ in self.layers]
+        slices = [q_k_v_slices(model, name, layer) or [None] for name, layer in self.layers]
+        if all(pieces == [None] for pieces in slices):
+            raise ValueError("fused_qkv=split: no sparse layer is a fused q/k/v projection (GPT-2's c_attn, GPT-NeoX, "
+                             "Falcon, Phi-3 have one); leave fused_qkv=joint for this model.")
+        return slices
 
     @torch.no_grad()
     def _write_sharded_update(self, index: int, layer, mask: torch.Tensor, grown: torch.Tensor) -> None:
