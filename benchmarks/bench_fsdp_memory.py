@@ -10,8 +10,8 @@ topology update after the first, on the CPU (gloo). Then the bytes each rank hol
 local shards of parameters, gradients (read after the optimizer step, before the controller's), optimizer state and
 masks. DDP keeps a whole replica on every rank, so "replicated" is measured on one process (DDP adds its gradient
 buckets, another copy of the gradients unless gradient_as_bucket_view=True, not counted here). Also printed: the
-whole-layer copies a topology update gathers under FSDP2 (weight, mask and momentum of every sparse layer), which
-live only during the update. Prints one JSON line (rank 0).
+whole copies a sparse-momentum topology update holds at its peak under FSDP2, counted from what the controller
+gathers: every sparse layer's mask (twice: before and after) and momentum (fp32), and one layer's weight at a time. Prints one JSON line (rank 0).
 """
 from __future__ import annotations
 
@@ -81,8 +81,10 @@ def main(argv=None) -> dict:
                                        if isinstance(v, torch.Tensor) and v.dim() > 0]),
             "masks": _bytes([buffer for name, buffer in model.named_buffers() if name.endswith("mask")]),
         },
-        # under FSDP2, per topology update: every sparse layer's whole weight (fp32), mask (bool), momentum (fp32)
-        "update_gathers_bytes": linear_weights * 9 if sharded and args.block_size == 1 else 0,
+        # under FSDP2, a sparse-momentum update's peak: masks (bool, before and after) and momentum (fp32) of every
+        # sparse layer, plus the largest layer's weight (fp32) being updated
+        "update_gathers_bytes": (linear_weights * 6 + 4 * max(l.weight_shape[0] * l.weight_shape[1] for _, l in layers)
+                                 if sharded and args.block_size == 1 else 0),
         "topology_updates": controller.update_count if controller is not None else 0,
     }
     result["bytes"]["total"] = sum(result["bytes"].values())

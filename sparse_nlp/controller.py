@@ -22,7 +22,14 @@ from sparse_nlp.fused_qkv import q_k_v_slices
 from sparse_nlp.methods import LayerState, get_method, update_layer_topology
 from sparse_nlp.optimizer_state import MomentumTracker
 from sparse_nlp.schedule import TopologySchedule
-from sparse_nlp.sharding import check_sharded_training, is_sharded, local, local_part, positions_mask, whole
+from sparse_nlp.sharding import (
+    GatheredLayerState,
+    check_sharded_training,
+    is_sharded,
+    local,
+    local_part,
+    positions_mask,
+)
 from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers
 
 
@@ -159,12 +166,14 @@ class SparsityController:
         plans = self.method.plan([unit for _, _, unit in units], prune_rate, self.schedule.progress(self.step_count))
         expected = [0] * len(self.layers)
         grown_in = [[] for _ in self.layers]
-        for (i, piece, unit), plan in zip(units, plans):
+        for n, ((i, piece, unit), plan) in enumerate(zip(units, plans)):
             expected[i] += unit.nonzeros - plan.prune + plan.grow
             prune_scores = self.method.prune_scores(unit)
             grow_scores = self.method.grow_scores(unit) if plan.grow else None
             grown = update_layer_topology(unit, plan, prune_scores, grow_scores)
             grown_in[i].append(piece.write_back(states[i], unit, grown) if piece is not None else grown)
+            if isinstance(states[i], GatheredLayerState) and (n + 1 == len(units) or units[n + 1][0] != i):
+                states[i].release()  # FSDP2: the layer's gathered floats are done with; its new mask stays
         for i, ((_, layer), state) in enumerate(zip(self.layers, states)):
             grown = torch.cat(grown_in[i])
             if isinstance(layer, BlockSparseLinear):  # the state was a copy over blocks: move the blocks now
@@ -247,16 +256,12 @@ class SparsityController:
                     f"method {self.config.method!r} grows by gradient but {name} has none: call controller.step() "
                     "after optimizer.step() and before optimizer.zero_grad()."
                 )
-        # Under FSDP2 the whole layer, gathered (copies): the decision needs it all; _write_sharded_update writes back.
-        return LayerState(
-            name=name,
-            weight=whole(layer.weight.data),
-            mask=layer.whole_mask(),
-            momentum=whole(self.momentum.momentum(index)) if self.method.needs_momentum else None,
-            gradient=whole(gradient) if gradient is not None else None,
-            target_nonzeros=layer.target_nonzeros,
-            generator=self.generator,
-        )
+        momentum = (lambda: self.momentum.momentum(index)) if self.method.needs_momentum else (lambda: None)
+        if is_sharded(layer.mask):  # FSDP2: whole copies, gathered when read; _write_sharded_update writes back
+            sources = {"weight": lambda: layer.weight.data, "momentum": momentum, "gradient": lambda: gradient}
+            return GatheredLayerState(name, layer.whole_mask(), sources, layer.target_nonzeros, self.generator)
+        return LayerState(name=name, weight=layer.weight.data, mask=layer.mask, momentum=momentum(), gradient=gradient,
+                          target_nonzeros=layer.target_nonzeros, generator=self.generator)
 
     # ---- reporting -----------------------------------------------------------------------------------------
     def report(self) -> list[LayerReport]:

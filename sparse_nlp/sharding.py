@@ -109,3 +109,40 @@ def whole_state_dict(model: torch.nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+
+
+class GatheredLayerState:
+    """A ``LayerState`` of an FSDP2-sharded layer whose weight, momentum and gradient are gathered on first use.
+
+    The mask (1 byte per weight) is gathered at once; the float tensors only when a method reads them, and
+    ``release()`` drops them once the layer's update is written back. Sparse momentum's plan reads every layer's
+    momentum (4 bytes per weight), its prune and grow scores one layer's weight at a time; RigL's plan reads masks
+    only. Every rank reads the same tensors in the same order (the same code on the same gathered bytes), so the
+    all-gathers match up.
+    """
+
+    def __init__(self, name: str, mask: torch.Tensor, sources: dict, target_nonzeros: int, generator):
+        self.name, self.mask, self.target_nonzeros, self.generator = name, mask, target_nonzeros, generator
+        self._sources = sources  # field -> a function returning the sharded tensor (or None)
+        self._gathered: dict = {}
+
+    def _get(self, field: str):
+        if field not in self._gathered:
+            source = self._sources[field]()
+            self._gathered[field] = whole(source) if source is not None else None
+        return self._gathered[field]
+
+    weight = property(lambda self: self._get("weight"))
+    momentum = property(lambda self: self._get("momentum"))
+    gradient = property(lambda self: self._get("gradient"))
+
+    @property
+    def nonzeros(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def numel(self) -> int:
+        return self.mask.numel()
+
+    def release(self) -> None:
+        self._gathered.clear()
