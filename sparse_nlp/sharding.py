@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from sparse_nlp.methods.base import LayerState
+
 try:  # torch.distributed can be absent from a build (some macOS wheels)
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover - no distributed build
@@ -111,7 +113,7 @@ def whole_state_dict(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
 
 
-class GatheredLayerState:
+class GatheredLayerState(LayerState):
     """A ``LayerState`` of an FSDP2-sharded layer whose weight, momentum and gradient are gathered on first use.
 
     The mask (1 byte per weight) is gathered at once; the float tensors only when a method reads them, and
@@ -135,14 +137,6 @@ class GatheredLayerState:
     weight = property(lambda self: self._get("weight"))
     momentum = property(lambda self: self._get("momentum"))
     gradient = property(lambda self: self._get("gradient"))
-
-    @property
-    def nonzeros(self) -> int:
-        return int(self.mask.sum())
-
-    @property
-    def numel(self) -> int:
-        return self.mask.numel()
 
     def release(self) -> None:
         self._gathered.clear()
