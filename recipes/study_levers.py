@@ -1,13 +1,16 @@
-"""Levers on sparse momentum: the study's sparse momentum with one setting changed at a time.
+"""Levers: the study's sparse momentum with one setting changed at a time, and baselines at their papers' settings.
 
-    nohup accelerate launch recipes/study_levers.py > levers.log 2>&1 &     # 7 runs at density 0.05, ~55 min on
+    nohup accelerate launch recipes/study_levers.py > levers.log 2>&1 &     # 11 runs at density 0.05, ~1.5 h on
                                                                             # 2 CPU cores; run it again to resume
     accelerate launch recipes/study_levers.py --levers erk adam-raw --density 0.1 --seeds 0 1
+    accelerate launch recipes/study_levers.py --levers rigl-own set-own lr-x0.5 lr-x2 --density 0.1 \\
+        --output_dir runs/study_levers_d0.1
 
-Each lever is one study (recipes/study_lm.py: the same model, tokens, budget and resume) of sparse momentum alone
-in ``<output_dir>/<lever>``, with the lever's flags added (sparse_nlp.lm.study_levers.LEVERS lists them). At the
-end levers.json and levers.md set every lever's perplexity beside the study's own rows at that density, read from
-``--baseline_dir``'s study.json: sparse momentum (the default settings), static, SET, small-dense and dense.
+Each lever is one study (recipes/study_lm.py: the same model, tokens, budget and resume) of its method alone (sparse
+momentum, or RigL / SET for rigl-own / set-own) in ``<output_dir>/<lever>``, with the lever's flags added
+(sparse_nlp.lm.study_levers.LEVERS lists them). At the end levers.json and levers.md set every lever's perplexity
+beside the study's own rows at that density, read from ``--baseline_dir``'s study.json: its own method at the study's
+settings, sparse momentum (the default settings), RigL, static, SET, small-dense and dense.
 Any other flag goes to every lever's study unchanged (e.g. --max_steps, --config_overrides, TrainingArguments).
 """
 from __future__ import annotations
@@ -54,8 +57,8 @@ def main(argv=None):
     for i, lever in enumerate(levers, 1):
         print(f"Lever {i}/{len(levers)}: {lever.name}: {lever.change}", flush=True)
         results = study_lm.main(passed_on + list(lever.flags) + [
-            "--methods", "momentum", "--block_methods", "none", "--densities", density, "--seeds", *seeds,
-            "--seeded_methods", "momentum", "--seeded_densities", density,
+            "--methods", lever.method, "--block_methods", "none", "--densities", density, "--seeds", *seeds,
+            "--seeded_methods", lever.method, "--seeded_densities", density,
             "--output_dir", os.path.join(args.output_dir, lever.name)])
         if is_main_process():
             rows.append(lever_row(lever, results))

@@ -1,15 +1,21 @@
-"""Levers on sparse momentum: their table against the study's rows, and the recipe end to end (runs, resume)."""
+"""Levers: their table against the study's rows, the baselines' own schedules, the recipe end to end (runs, resume)."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from dataclasses import asdict
 
 import pytest
 
+from transformers import HfArgumentParser
+
+from sparse_nlp import SparsityConfig
 from sparse_nlp.lm.study_levers import LEVERS_BY_NAME, format_levers, get_levers, lever_row
 from sparse_nlp.lm.study_tables import aggregate
+from sparse_nlp.methods import get_method
+from sparse_nlp.schedule import TopologySchedule
 from test_study import ROOT, _flags, _row, count_trained_runs, study_lm
 
 
@@ -39,16 +45,69 @@ def test_lever_rows_are_compared_with_the_study_rows_at_their_density():
         get_levers(["erk", "lottery"])
 
 
+def _cells(table: str, start: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {start}"))
+    return [cell.strip() for cell in line.split("|")[1:-1]]
+
+
+def test_a_baseline_at_its_own_settings_is_compared_with_its_study_row_and_with_momentum():
+    study = [_row("dense", 1.0, 0, 100.0), _row("momentum", 0.1, 0, 110.0), _row("rigl", 0.1, 0, 125.0),
+             _row("set", 0.1, 0, 115.0), _row("static", 0.1, 0, 120.0)]
+    groups = [asdict(g) for g in aggregate(study)]
+    rigl = lever_row(LEVERS_BY_NAME["rigl-own"], [_row("rigl", 0.1, 0, 120.0)])
+    lr = lever_row(LEVERS_BY_NAME["lr-x2"], [_row("momentum", 0.1, 0, 104.5)])
+    assert rigl.method == "rigl" and lr.method == "momentum"
+    table = format_levers([rigl, lr], groups, 0.1)
+    header = _cells(table, "setting")
+    assert header[3:9] == ["vs own method", "vs momentum", "vs RigL", "vs static", "vs SET", "vs dense"]
+    # 120 vs RigL's study row 125 (its own method), momentum 110, RigL 125, static 120, SET 115, dense 100
+    assert _cells(table, "RigL, its paper's settings")[3:9] == ["-4.0%", "+9.1%", "-4.0%", "+0.0%", "+4.3%", "+20.0%"]
+    assert _cells(table, "momentum, peak learning rate 2e-3")[3:5] == ["-5.0%", "-5.0%"]  # own method: momentum
+    assert _cells(table, "RigL (study settings)")[2:5] == ["125.00", "-", "+13.6%"]
+
+
+def _sparsity(lever_name: str, method: str) -> SparsityConfig:
+    """The SparsityConfig a lever's run trains with: the study's defaults (interval 100) with the lever's flags."""
+    flags = ["--update_interval", "100", *LEVERS_BY_NAME[lever_name].flags, "--method", method, "--density", "0.1"]
+    (config,) = HfArgumentParser(SparsityConfig).parse_args_into_dataclasses(args=flags)
+    return config
+
+
+def _schedule(config: SparsityConfig, total_steps: int = 1600) -> TopologySchedule:
+    return TopologySchedule(total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay,
+                            config.update_end_fraction, skip_zero_rate=get_method(config.method).prunes_by_rate)
+
+
+def test_rigl_and_set_at_their_papers_settings_schedule_as_the_papers_do():
+    rigl = _sparsity("rigl-own", LEVERS_BY_NAME["rigl-own"].method)
+    assert (rigl.method, rigl.distribution, rigl.prune_rate, rigl.prune_rate_decay) == ("rigl", "erk", 0.3, "cosine")
+    schedule = _schedule(rigl)  # cosine to 0 at step 1,200 (75%); that zero-rate update is not scheduled
+    assert (schedule.num_updates, schedule.last_update_step) == (11, 1100) and not schedule.is_update_step(1200)
+    assert schedule.prune_rate_at(100) == pytest.approx(0.15 * (1 + math.cos(math.pi / 12)))
+
+    set_own = _sparsity("set-own", LEVERS_BY_NAME["set-own"].method)
+    assert (set_own.method, set_own.distribution, set_own.prune_rate_decay) == ("set", "erk", "constant")
+    schedule = _schedule(set_own)  # zeta 0.3 at every update, the last at 1,500 as the study's SET, not at 1,600
+    assert (schedule.num_updates, schedule.last_update_step) == (15, 1500) and not schedule.is_update_step(1600)
+    assert {schedule.prune_rate_at(step) for step in range(100, 1600, 100)} == {0.3}
+    study_set = _schedule(SparsityConfig(method="set", density=0.1, update_interval=100))
+    assert [s for s in range(1, 1601) if study_set.is_update_step(s)] == [
+        s for s in range(1, 1601) if schedule.is_update_step(s)]
+
+
 def test_the_lever_recipe_trains_each_lever_once_and_resumes(tmp_path, monkeypatch, capsys):
     flags = _flags(tmp_path)
     study_lm.main(flags)  # the baseline study: dense, small-dense and momentum at 0.5
     trained = count_trained_runs(monkeypatch)
     passed_on = [f for f in flags if f != str(tmp_path / "study")]
     passed_on.remove("--output_dir")
-    levers = ["--levers", "erk", "regrown-keep", "--density", "0.5", "--output_dir", str(tmp_path / "levers"),
-              "--baseline_dir", str(tmp_path / "study")]
+    levers = ["--levers", "erk", "regrown-keep", "set-own", "--density", "0.5", "--output_dir",
+              str(tmp_path / "levers"), "--baseline_dir", str(tmp_path / "study")]
     rows = study_levers.main(levers + passed_on)
-    assert trained == ["momentum-d0.5-s0", "momentum-d0.5-s0"] and [r.lever for r in rows] == ["erk", "regrown-keep"]
+    assert trained == ["momentum-d0.5-s0", "momentum-d0.5-s0", "set-d0.5-s0"]
+    assert [r.lever for r in rows] == ["erk", "regrown-keep", "set-own"]
+    set_settings = json.loads((tmp_path / "levers" / "set-own" / "set-d0.5-s0" / "study_result.json").read_text())
+    assert set_settings["settings"]["sparsity"]["prune_rate_decay"] == "constant"
     settings = json.loads((tmp_path / "levers" / "regrown-keep" / "momentum-d0.5-s0" / "study_result.json").read_text())
     assert settings["settings"]["sparsity"]["regrown_state"] == "keep"
     assert settings["settings"]["sparsity"]["distribution"] == "uniform"

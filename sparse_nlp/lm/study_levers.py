@@ -1,12 +1,14 @@
-"""Levers on sparse momentum: one setting changed at a time, each a measured row beside the study's own rows.
+"""Levers: one setting changed at a time, each a measured row beside the study's own rows.
 
-    for lever in LEVERS: ...train sparse momentum with lever.flags (recipes/study_levers.py)
+    for lever in LEVERS: ...train lever.method with lever.flags (recipes/study_levers.py)
     write_levers(rows, load_groups("runs/study_lm"), "runs/study_levers", density=0.05)   # levers.json, levers.md
 
-The levers are the ones the paper and its successors name: the initial per-layer density (ERK), when topology
-updates stop, how much each update prunes and how often, how momentum is read from AdamW, and the optimizer state
-a regrown weight starts with. Each lever's row is compared with the study's sparse momentum at the same density
-(mean over its seeds) and with static, SET, small-dense and dense there.
+Most levers change one setting of sparse momentum, the ones the paper and its successors name: the initial per-layer
+density (ERK), when topology updates stop, how much each update prunes and how often, how momentum is read from
+AdamW, the optimizer state a regrown weight starts with, and the learning rate (tuned on dense). Two run a baseline
+at its own paper's settings instead of the study's (``rigl-own``, ``set-own``). Each lever's row is compared with the
+study's row of its own method at the same density (mean over its seeds), and with sparse momentum, static, SET,
+small-dense and dense there.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class Lever:
     name: str  # also its run folder
     flags: tuple[str, ...]  # study_lm flags that set it
     change: str  # what it changes, against the study's default
+    method: str = "momentum"  # the sparsity method it trains; compared with the study's row of that method
 
 
 LEVERS = (
@@ -38,10 +41,27 @@ LEVERS = (
           "regrown weights keep the AdamW state gathered while absent, not zeroed"),
     Lever("regrown-fresh", ("--regrown_state", "fresh"),
           "regrown weights zero AdamW's exp_avg but keep exp_avg_sq (the gradient scale), not both zeroed"),
+    # The study's peak 1e-3 was tuned on dense only.
+    Lever("lr-x0.5", ("--learning_rate", "5e-4"), "peak learning rate 5e-4 (x0.5), not 1e-3"),
+    Lever("lr-x2", ("--learning_rate", "2e-3"), "peak learning rate 2e-3 (x2), not 1e-3"),
+    # The baselines at their own papers' settings (docs/study.md says where each comes from). RigL (Evci et al. 2020;
+    # google-research/rigl): drop fraction 0.3 decayed by cosine, updates end at 75% of training, ERK; its update
+    # interval (100 steps) is the study's already.
+    Lever("rigl-own", ("--prune_rate", "0.3", "--update_end_fraction", "0.75", "--distribution", "erk"),
+          "its paper's settings: drop fraction 0.3, updates end at 75%, ERK (study: 0.5, 100%, uniform)", "rigl"),
+    # SET (Mocanu et al. 2018): a constant zeta = 0.3 at every update, Erdős–Rényi layer densities (ERK is the same
+    # rule for linear layers: density ~ (n_in + n_out) / (n_in * n_out)). Updates every 100 steps to the end as the
+    # study's (the paper's one per epoch would be one update in 1.2 epochs); the last at step 1,500 of 1,600, as the
+    # study's SET (end fraction 0.9375): a constant rate would otherwise update at step 1,600 and regrow 30% of every
+    # layer as zeros that never train before evaluation.
+    Lever("set-own", ("--prune_rate", "0.3", "--prune_rate_decay", "constant", "--distribution", "erk",
+                      "--update_end_fraction", "0.9375"),
+          "its paper's settings: zeta 0.3 constant, ERK (study: 0.5 decayed by cosine, uniform)", "set"),
 )
 LEVERS_BY_NAME = {lever.name: lever for lever in LEVERS}
-REFERENCES = (("momentum", "sparse momentum (study default)"), ("static", "static"), ("set", "SET"),
-              (SMALL_DENSE, "small-dense"), (DENSE, "dense"))
+REFERENCES = (("momentum", "sparse momentum (study default)"), ("rigl", "RigL (study settings)"), ("static", "static"),
+              ("set", "SET (study settings)"), (SMALL_DENSE, "small-dense"), (DENSE, "dense"))
+METHOD_LABELS = {"momentum": "momentum", "rigl": "RigL", "set": "SET"}  # a lever row's prefix
 
 
 def get_levers(names: Sequence[str]) -> list[Lever]:
@@ -54,6 +74,7 @@ def get_levers(names: Sequence[str]) -> list[Lever]:
 @dataclass
 class LeverRow:
     lever: str
+    method: str
     change: str
     flags: list[str]
     seeds: list[int]
@@ -68,7 +89,8 @@ def lever_row(lever: Lever, results: Sequence[StudyResult]) -> LeverRow:
     tests = [r.test_perplexity for r in results if r.test_perplexity is not None]
     speeds = [r.tokens_per_second for r in results if r.tokens_per_second is not None]
     return LeverRow(
-        lever=lever.name, change=lever.change, flags=list(lever.flags), seeds=sorted(r.seed for r in results),
+        lever=lever.name, method=lever.method, change=lever.change, flags=list(lever.flags),
+        seeds=sorted(r.seed for r in results),
         val_perplexity=statistics.mean(r.val_perplexity for r in results),
         test_perplexity=statistics.mean(tests) if tests else None,
         tokens_per_second=statistics.mean(speeds) if speeds else None,
@@ -101,8 +123,14 @@ def _versus(value: float, reference: Optional[dict]) -> str:
 
 def format_levers(rows: Sequence[LeverRow], groups: Sequence[dict], density: float) -> str:
     refs = reference_groups(groups, density)
-    momentum = refs.get("momentum")
-    header = ["setting", "seeds", "val ppl", "vs momentum", "vs static", "vs SET", "vs dense", "test ppl"]
+
+    def versus(value: float, own: Optional[str]) -> list[str]:
+        """vs the lever's own method's study row ("-" on the study's rows), then vs each fixed reference."""
+        return [_versus(value, refs.get(own)) if own else "-"] + [
+            _versus(value, refs.get(m)) for m in ("momentum", "rigl", "static", "set", DENSE)]
+
+    header = ["setting", "seeds", "val ppl", "vs own method", "vs momentum", "vs RigL", "vs static", "vs SET",
+              "vs dense", "test ppl"]
     table = [header]
     for method, label in REFERENCES:
         g = refs.get(method)
@@ -111,18 +139,18 @@ def format_levers(rows: Sequence[LeverRow], groups: Sequence[dict], density: flo
         sd = g.get("val_perplexity_sd")
         val = f"{g['val_perplexity']:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
         test = "-" if g.get("test_perplexity") is None else f"{g['test_perplexity']:.2f}"
-        table.append([label, str(len(g["seeds"])), val, _versus(g["val_perplexity"], momentum),
-                      _versus(g["val_perplexity"], refs.get("static")), _versus(g["val_perplexity"], refs.get("set")),
-                      _versus(g["val_perplexity"], refs.get(DENSE)), test])
+        table.append([label, str(len(g["seeds"])), val, *versus(g["val_perplexity"], None), test])
     for row in rows:
         test = "-" if row.test_perplexity is None else f"{row.test_perplexity:.2f}"
-        table.append([f"momentum, {row.change}", str(len(row.seeds)), f"{row.val_perplexity:.2f}",
-                      _versus(row.val_perplexity, momentum), _versus(row.val_perplexity, refs.get("static")),
-                      _versus(row.val_perplexity, refs.get("set")), _versus(row.val_perplexity, refs.get(DENSE)), test])
+        label = f"{METHOD_LABELS.get(row.method, row.method)}, {row.change}"
+        table.append([label, str(len(row.seeds)), f"{row.val_perplexity:.2f}",
+                      *versus(row.val_perplexity, row.method), test])
     lines = [
-        f"# Levers on sparse momentum at density {density:g}", "",
-        "One setting changed at a time (flags in levers.json); the first rows are the study's own, means (± sample "
-        "standard deviation) over their seeds. vs X: validation perplexity against X's (negative: better).", "",
+        f"# Levers at density {density:g}", "",
+        "One setting changed at a time (flags in levers.json): sparse momentum's, or a baseline run at its own paper's "
+        "settings. The first rows are the study's own, means (± sample standard deviation) over their seeds. vs X: "
+        "validation perplexity against X's (negative: better); vs own method: against the study's row of the lever's "
+        "method at the study's settings (sparse momentum for a momentum lever).", "",
         aligned_table(table), "",
     ]
     return "\n".join(lines)
