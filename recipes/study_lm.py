@@ -70,10 +70,11 @@ STUDY_SPARSITY_DEFAULTS = {"update_interval": 100}
 # --quick: a tiny grid on a tiny model, a few minutes on 2 cores. Flags given after it still win.
 QUICK_FLAGS = [
     "--output_dir", "runs/study_quick", "--densities", "0.2", "0.05", "--methods", "dense", "small_dense",
-    "small_dense_total", "momentum", "static", "magnitude", "magnitude_average", "--block_methods", "momentum", "--seeds", "0", "1", "--seeded_methods", "small_dense",
-    "momentum", "--seeded_densities", "0.05", "--config_overrides", "n_layer=2,n_embd=128,n_head=2", "--max_steps", "60",
-    "--per_device_train_batch_size", "8", "--update_interval", "10", "--save_steps", "20", "--logging_steps", "20",
-    "--max_eval_blocks", "64", "--layer_density", "0.05",
+    "small_dense_total", "momentum", "static", "magnitude", "magnitude_average", "--block_methods", "momentum",
+    "--seeds", "0", "1", "--seeded_methods", "small_dense", "momentum", "--seeded_densities", "0.05",
+    "--config_overrides", "n_layer=2,n_embd=128,n_head=2", "--max_steps", "60", "--per_device_train_batch_size", "8",
+    "--update_interval", "10", "--save_steps", "20", "--logging_steps", "20", "--max_eval_blocks", "64",
+    "--layer_density", "0.05",
 ]
 
 
@@ -82,8 +83,8 @@ class StudyArguments:
     densities: list[float] = field(
         default_factory=lambda: [0.2, 0.1, 0.05], metadata={"help": "Densities of the linear layers to study."})
     methods: list[str] = field(
-        default_factory=lambda: [DENSE, SMALL_DENSE, SMALL_DENSE_TOTAL, "momentum", "rigl", "set", "static", "magnitude",
-                                 MAGNITUDE_AVERAGE],
+        default_factory=lambda: [DENSE, SMALL_DENSE, SMALL_DENSE_TOTAL, "momentum", "rigl", "set", "static",
+                                 "magnitude", MAGNITUDE_AVERAGE],
         metadata={"help": "Fine-grained sparsity methods, and the references dense, small_dense (linear weights "
                   "matched), small_dense_total (all nonzeros matched) and magnitude_average (gradual pruning with "
                   "the sparse runs' average linear weights); 'none' for block runs only."})

@@ -177,7 +177,8 @@ def _group_table(groups: Sequence[StudyGroup], dense: Optional[StudyGroup]) -> s
         same = math.isclose(g.average_params, g.nonzero_params, rel_tol=5e-3)
         rows.append([
             g.label, str(len(g.seeds)), str(g.width), _count(g.linear_nonzeros), _count(g.other_params),
-            _count(g.nonzero_params), "= final" if same else _count(g.average_params), _mean_sd(g.val_perplexity, g.val_perplexity_sd),
+            _count(g.nonzero_params), "= final" if same else _count(g.average_params),
+            _mean_sd(g.val_perplexity, g.val_perplexity_sd),
             _versus(g.val_perplexity, dense), _mean_sd(g.test_perplexity, g.test_perplexity_sd),
             "-" if g.tokens_per_second is None else f"{g.tokens_per_second:,.0f}" + (" (busy)" if g.speed_on_busy_machine else ""),
             "-" if g.wall_seconds is None else format_duration(g.wall_seconds),
