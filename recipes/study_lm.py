@@ -1,7 +1,7 @@
 """The NLP-gap study: sparse momentum against every baseline and a small dense model, across densities, with seeds.
 
-    nohup accelerate launch recipes/study_lm.py > study.log 2>&1 &          # the default grid (31 runs, ~4 h on
-                                                                             # 2 CPU cores); run it again to resume
+    nohup accelerate launch recipes/study_lm.py > study.log 2>&1 &          # the default grid (37 runs, ~4.5 h
+                                                                             # on 2 CPU cores); again to resume
     accelerate launch recipes/study_lm.py --quick --output_dir /tmp/study   # smoke test: a tiny grid, minutes
     accelerate launch recipes/study_lm.py --densities 0.1 0.05 --methods dense momentum static --seeds 0 1 2 \\
         --seeded_methods momentum static --seeded_densities 0.1 0.05
@@ -11,7 +11,10 @@
 
 Each run is one call of recipes/train_lm.py's `train_one` on the same tokens, steps and seed-determined batches:
 - ``dense``: the full model; ``small_dense``: a narrower dense model with as many linear weights as the sparse ones
-  at each density (``sparse_nlp.lm.small_dense``: width rule and weight counts);
+  at each density, ``small_dense_total`` one with as many parameters in all as the sparse model's nonzeros
+  (embeddings included) (``sparse_nlp.lm.small_dense``: width rule and weight counts);
+- ``magnitude_average``: gradual magnitude pruning with as many linear weights averaged over training as the sparse
+  runs (the cubic schedule scaled down: it starts and ends sparser; ``sparse_nlp.lm.magnitude_budget``);
 - every sparsity method in ``--methods`` at every density, fine-grained; ``--block_methods`` block-sparse
   (``--study_block_size`` 64, fast block momentum);
 - the further ``--seeds`` for ``--seeded_methods`` at ``--seeded_densities``.
@@ -46,26 +49,32 @@ from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from sparse_nlp import SparsityConfig  # noqa: E402
 from sparse_nlp.config import DENSE  # noqa: E402
+from sparse_nlp.lm.magnitude_budget import equal_average_magnitude  # noqa: E402
 from sparse_nlp.lm.small_dense import linear_layer_sizes, small_dense_shape  # noqa: E402
-from sparse_nlp.lm.study import SMALL_DENSE, StudyRun, load_result, plan_grid, run_dir, study_result, write_result  # noqa: E402
+from sparse_nlp.lm.study import (  # noqa: E402
+    MAGNITUDE_AVERAGE, SMALL_DENSE, SMALL_DENSE_TOTAL, StudyRun, load_result, plan_grid, run_dir, study_result,
+    write_result,
+)
 from sparse_nlp.lm.study_plots import write_study_plots  # noqa: E402
 from sparse_nlp.lm.study_tables import write_study  # noqa: E402
+from sparse_nlp.schedule import schedule_for  # noqa: E402
 
-GRID_FIELDS = ("density", "method", "block_size")  # SparsityConfig fields the grid sets per run
+GRID_FIELDS = ("density", "method", "block_size", "initial_density")  # SparsityConfig fields the grid sets per run
 # Sparsity options added after results were first written; those files hold the value every run had then.
 ADDED_SETTINGS = {"sparsity.adam_momentum": "normalized", "sparsity.regrown_state": "reset", "sparsity.fused_qkv": "joint",
-                  "sparsity.block_scores": "optimizer"}
+                  "sparsity.block_scores": "optimizer", "sparsity.initial_density": 1.0}
 # every 100 steps (the reference's interval): 15 topology updates in 1,600 steps (the 16th, at step 1,600, would prune
 # at rate 0 and is not scheduled; results from before that change counted it)
 STUDY_SPARSITY_DEFAULTS = {"update_interval": 100}
 
 # --quick: a tiny grid on a tiny model, a few minutes on 2 cores. Flags given after it still win.
 QUICK_FLAGS = [
-    "--output_dir", "runs/study_quick", "--densities", "0.2", "0.05", "--methods", "dense", "small_dense", "momentum",
-    "static", "magnitude", "--block_methods", "momentum", "--seeds", "0", "1", "--seeded_methods", "small_dense",
-    "momentum", "--seeded_densities", "0.05", "--config_overrides", "n_layer=2,n_embd=128,n_head=2", "--max_steps", "60",
-    "--per_device_train_batch_size", "8", "--update_interval", "10", "--save_steps", "20", "--logging_steps", "20",
-    "--max_eval_blocks", "64", "--layer_density", "0.05",
+    "--output_dir", "runs/study_quick", "--densities", "0.2", "0.05", "--methods", "dense", "small_dense",
+    "small_dense_total", "momentum", "static", "magnitude", "magnitude_average", "--block_methods", "momentum",
+    "--seeds", "0", "1", "--seeded_methods", "small_dense", "momentum", "--seeded_densities", "0.05",
+    "--config_overrides", "n_layer=2,n_embd=128,n_head=2", "--max_steps", "60", "--per_device_train_batch_size", "8",
+    "--update_interval", "10", "--save_steps", "20", "--logging_steps", "20", "--max_eval_blocks", "64",
+    "--layer_density", "0.05",
 ]
 
 
@@ -74,9 +83,11 @@ class StudyArguments:
     densities: list[float] = field(
         default_factory=lambda: [0.2, 0.1, 0.05], metadata={"help": "Densities of the linear layers to study."})
     methods: list[str] = field(
-        default_factory=lambda: [DENSE, SMALL_DENSE, "momentum", "rigl", "set", "static", "magnitude"],
-        metadata={"help": "Fine-grained sparsity methods, and the references dense and small_dense; 'none' for "
-                  "block runs only."})
+        default_factory=lambda: [DENSE, SMALL_DENSE, SMALL_DENSE_TOTAL, "momentum", "rigl", "set", "static",
+                                 "magnitude", MAGNITUDE_AVERAGE],
+        metadata={"help": "Fine-grained sparsity methods, and the references dense, small_dense (linear weights "
+                  "matched), small_dense_total (all nonzeros matched) and magnitude_average (gradual pruning with "
+                  "the sparse runs' average linear weights); 'none' for block runs only."})
     block_methods: list[str] = field(
         default_factory=lambda: ["momentum"],
         metadata={"help": "Methods also trained block-sparse (--study_block_size); 'none' for no block runs."})
@@ -89,7 +100,7 @@ class StudyArguments:
         metadata={"help": "Methods trained at every seed (block runs as e.g. momentum-b64)."})
     seeded_densities: list[float] = field(
         default_factory=lambda: [0.1, 0.05], metadata={"help": "Densities at which --seeded_methods get every seed."})
-    width_multiple: int = field(default=8, metadata={"help": "Small-dense widths are multiples of this."})
+    width_multiple: int = field(default=8, metadata={"help": "Small-dense widths (both kinds) are multiples of this."})
     max_eval_blocks: Optional[int] = field(
         default=None, metadata={"help": "Score perplexity on the first N sequences of each split only (smoke tests)."})
     keep_checkpoints: bool = field(
@@ -181,15 +192,19 @@ def prepare_run(run: StudyRun, model_args, base_config, sparsity_options: dict, 
     """The run's model flags (small-dense: narrower), sparsity config and training arguments."""
     model_args = copy.copy(model_args)
     config = base_config
-    if run.method == SMALL_DENSE:
-        shape = small_dense_shape(base_config, run.density, study.width_multiple)
+    if run.method in (SMALL_DENSE, SMALL_DENSE_TOTAL):
+        match = "total" if run.method == SMALL_DENSE_TOTAL else "linear"
+        shape = small_dense_shape(base_config, run.density, study.width_multiple, match)
         overrides = [model_args.config_overrides] if model_args.config_overrides else []
         model_args.config_overrides = ",".join(overrides + [f"{k}={v}" for k, v in shape.items()])
         config = copy.deepcopy(base_config)
         config.update(shape)
-    method, density = (DENSE, 1.0) if not run.is_sparse else (run.method, run.density)
-    sparsity = SparsityConfig(**{**sparsity_options, "method": method, "density": density,
+    density = run.density if run.is_sparse else 1.0
+    sparsity = SparsityConfig(**{**sparsity_options, "method": run.sparsity_method, "density": density,
                                  "block_size": run.block_size, "seed": run.seed})
+    if run.method == MAGNITUDE_AVERAGE:  # the same cubic schedule, scaled to the sparse runs' average weights
+        initial, final = equal_average_magnitude(run.density, schedule_for(sparsity, args.max_steps))
+        sparsity = dataclasses.replace(sparsity, density=final, initial_density=initial)
     args = copy.copy(args)
     args.seed = run.seed  # initial weights, masks and batch order
     return model_args, config, sparsity, args
@@ -270,6 +285,9 @@ def _notes(model_args, args, grid, results) -> list[str]:
         "Linear nonzeros: the sparsified layers' nonzero weights at the end of training (small-dense: all of its, "
         "chosen to match); embeddings etc.: everything else (token and position embeddings, norms, biases), dense in "
         "every model; average params: nonzero params averaged over training (gradual magnitude pruning starts dense).",
+        "Equal-size references: small-dense (equal total) has as many parameters as the sparse model's nonzeros, "
+        "embeddings included; magnitude (equal average) prunes on the cubic schedule scaled so that its linear "
+        "weights averaged over training equal the sparse runs' (it starts and ends sparser).",
         "Mean ± sample standard deviation over seeds; vs dense: validation perplexity against the dense model's.",
     ]
 

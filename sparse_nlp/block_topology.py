@@ -73,4 +73,5 @@ def block_layer_state(
         gradient=gradient,
         target_nonzeros=layer.target_nonzeros,
         generator=generator,
+        initial_nonzeros=getattr(layer, "initial_nonzeros", None),
     )

@@ -57,6 +57,14 @@ class SparsityConfig:
         default=1.0,
         metadata={"help": "Topology updates stop after this fraction of training (RigL uses 0.75; the reference 1.0)."},
     )
+    initial_density: float = field(
+        default=1.0,
+        metadata={
+            "help": "Gradual pruning (magnitude) only: the density it starts at, pruned on the cubic schedule down to "
+            "density. 1: from dense (Zhu & Gupta); lower: from an `init` mask at this density (a smaller weight "
+            "budget over training)."
+        },
+    )
     momentum_beta: float = field(
         default=0.9,
         metadata={"help": "Decay of the gradient average used as momentum when the optimizer keeps no momentum."},
@@ -114,7 +122,7 @@ class SparsityConfig:
     )
 
     def __post_init__(self):
-        from sparse_nlp.methods import known_methods  # late import: methods import the config
+        from sparse_nlp.methods import get_method, known_methods  # late import: methods import the config
 
         if not isinstance(self.density, (int, float)) or math.isnan(self.density) or not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density!r}; e.g. density=0.2 keeps 20% of weights.")
@@ -125,6 +133,13 @@ class SparsityConfig:
             raise ValueError(f"unknown distribution {self.distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}.")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}.")
+        if (not isinstance(self.initial_density, (int, float)) or math.isnan(self.initial_density)
+                or not self.density <= self.initial_density <= 1):
+            raise ValueError(f"initial_density must be in [density, 1] = [{self.density:g}, 1], got "
+                             f"{self.initial_density!r}.")
+        if self.initial_density < 1 and self.method != DENSE and not get_method(self.method).starts_dense:
+            raise ValueError(f"initial_density={self.initial_density:g} is for gradual pruning (method magnitude); "
+                             f"{self.method} starts at density.")
         if not 0 <= self.prune_rate < 1:
             raise ValueError(f"prune_rate must be in [0, 1), got {self.prune_rate!r}.")
         if self.prune_rate_decay not in ("cosine", "constant"):

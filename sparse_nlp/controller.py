@@ -21,7 +21,7 @@ from sparse_nlp.distributed import all_reduce_dense_grads, broadcast_masks, chec
 from sparse_nlp.fused_qkv import q_k_v_slices
 from sparse_nlp.methods import LayerState, get_method, update_layer_topology
 from sparse_nlp.optimizer_state import MomentumTracker
-from sparse_nlp.schedule import TopologySchedule
+from sparse_nlp.schedule import schedule_for
 from sparse_nlp.sharding import (
     GatheredLayerState,
     check_sharded_training,
@@ -73,10 +73,7 @@ class SparsityController:
                     f"method {config.method!r} schedules its updates over training: pass total_steps=<number of "
                     "optimizer steps>."
                 )
-            self.schedule = TopologySchedule(
-                total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay,
-                config.update_end_fraction, skip_zero_rate=self.method.prunes_by_rate,
-            )
+            self.schedule = schedule_for(config, total_steps)
         self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
         self.unit_slices = self._unit_slices(model)  # per layer: [None] (the whole layer), or its q/k/v slices
         check_sharded_training(model, bool(self.block_layers))  # FSDP1, or block layers under FSDP: one line
@@ -257,11 +254,12 @@ class SparsityController:
                     "after optimizer.step() and before optimizer.zero_grad()."
                 )
         momentum = (lambda: self.momentum.momentum(index)) if self.method.needs_momentum else (lambda: None)
+        initial = getattr(layer, "initial_nonzeros", None)  # where gradual pruning starts (None: dense)
         if is_sharded(layer.mask):  # FSDP2: whole copies, gathered when read; _write_sharded_update writes back
             sources = {"weight": lambda: layer.weight.data, "momentum": momentum, "gradient": lambda: gradient}
-            return GatheredLayerState(name, layer.whole_mask(), sources, layer.target_nonzeros, self.generator)
+            return GatheredLayerState(name, layer.whole_mask(), sources, layer.target_nonzeros, self.generator, initial)
         return LayerState(name=name, weight=layer.weight.data, mask=layer.mask, momentum=momentum(), gradient=gradient,
-                          target_nonzeros=layer.target_nonzeros, generator=self.generator)
+                          target_nonzeros=layer.target_nonzeros, generator=self.generator, initial_nonzeros=initial)
 
     # ---- reporting -----------------------------------------------------------------------------------------
     def report(self) -> list[LayerReport]:

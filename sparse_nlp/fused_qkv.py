@@ -109,6 +109,7 @@ class RowSlice:
             name=f"{layer.name}[{self.role}]", weight=self._take(layer.weight), mask=self._take(layer.mask),
             momentum=self._take(layer.momentum), gradient=self._take(layer.gradient),
             target_nonzeros=round(layer.target_nonzeros * share), generator=layer.generator,
+            initial_nonzeros=None if layer.initial_nonzeros is None else round(layer.initial_nonzeros * share),
         )
 
     @torch.no_grad()

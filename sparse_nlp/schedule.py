@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sparse_nlp.config import SparsityConfig
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,13 @@ class TopologySchedule:
         if self.last_update_step == 0:
             return 1.0
         return min(step / self.last_update_step, 1.0)
+
+
+def schedule_for(config: "SparsityConfig", total_steps: int) -> TopologySchedule:
+    """The schedule a run of ``config`` follows over ``total_steps`` (the controller's)."""
+    from sparse_nlp.methods import get_method  # late import: methods import the config
+
+    return TopologySchedule(
+        total_steps, config.update_interval, config.prune_rate, config.prune_rate_decay, config.update_end_fraction,
+        skip_zero_rate=get_method(config.method).prunes_by_rate,
+    )

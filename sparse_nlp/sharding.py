@@ -123,8 +123,10 @@ class GatheredLayerState(LayerState):
     all-gathers match up.
     """
 
-    def __init__(self, name: str, mask: torch.Tensor, sources: dict, target_nonzeros: int, generator):
+    def __init__(self, name: str, mask: torch.Tensor, sources: dict, target_nonzeros: int, generator,
+                 initial_nonzeros=None):
         self.name, self.mask, self.target_nonzeros, self.generator = name, mask, target_nonzeros, generator
+        self.initial_nonzeros = initial_nonzeros
         self._sources = sources  # field -> a function returning the sharded tensor (or None)
         self._gathered: dict = {}
 

@@ -98,20 +98,24 @@ def sparsify(
         _check_divisible(targets, block)
     unit_shapes = [tuple(m.weight.shape) if block == 1 else block_grid(_out_in_shape(m), block) for _, m in targets]
     planned = plan_nonzeros(unit_shapes, config.density, config.distribution)  # weights, or blocks
+    # where each layer starts: at its planned count, or (gradual pruning) dense or at initial_density
+    starts = planned if not method.starts_dense else plan_nonzeros(unit_shapes, config.initial_density,
+                                                                   config.distribution)
     generator = torch.Generator().manual_seed(config.seed)
     masks = []  # all masks first, so a failure leaves the model untouched
-    for (_, module), shape, nonzeros in zip(targets, unit_shapes, planned):
-        if method.starts_dense:
+    for (_, module), shape, nonzeros in zip(targets, unit_shapes, starts):
+        if method.starts_dense and config.initial_density == 1:
             masks.append(torch.ones(shape, dtype=torch.bool))
         else:
             masks.append(_initial_mask(_unit_magnitude(module, block), nonzeros, config.init, generator))
-    for (name, module), mask, nonzeros in zip(targets, masks, planned):
+    for (name, module), mask, nonzeros, start in zip(targets, masks, planned, starts):
         parent_name, _, child_name = name.rpartition(".")
         if block == 1:
             layer = SparseLinear(module, mask)
         else:
             layer = BlockSparseLinear.from_dense(module, mask, block)
         layer.target_nonzeros = nonzeros
+        layer.initial_nonzeros = start if method.starts_dense and config.initial_density < 1 else None
         setattr(model.get_submodule(parent_name), child_name, layer)
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model

@@ -12,7 +12,14 @@ import pytest
 from transformers import GPT2Config, TrainerCallback
 
 from sparse_nlp.lm.reporting import RunResult
-from sparse_nlp.lm.small_dense import linear_layer_sizes, linear_weight_count, small_dense_shape, with_width
+from sparse_nlp.lm.small_dense import (
+    linear_layer_sizes,
+    linear_weight_count,
+    parameter_count,
+    small_dense_shape,
+    sparse_nonzeros,
+    with_width,
+)
 from sparse_nlp.lm.study import (
     RESULT_FILE,
     StudyResult,
@@ -45,9 +52,10 @@ def test_default_grid_has_every_method_density_and_the_extra_seeds():
     grid = plan_grid(args.densities, args.methods, args.seeds, args.seeded_methods, args.seeded_densities,
                      args.block_methods, args.study_block_size)
     names = [run.name for run in grid]
-    assert len(grid) == 31 and len(set(names)) == 31
-    assert names[:3] == ["dense-s0", "small_dense-d0.2-s0", "momentum-d0.2-s0"]
+    assert len(grid) == 37 and len(set(names)) == 37
+    assert names[:4] == ["dense-s0", "small_dense-d0.2-s0", "small_dense_total-d0.2-s0", "momentum-d0.2-s0"]
     assert "momentum-b64-d0.05-s0" in names and "magnitude-d0.05-s0" in names and "rigl-d0.1-s0" in names
+    assert "magnitude_average-d0.1-s0" in names  # the equal-size references: one seed at every density
     second = [run for run in grid if run.seed == 1]
     assert grid[-len(second):] == second  # every first-seed run comes first
     assert {(r.method, r.density) for r in second} == {("dense", 1.0)} | {
@@ -81,6 +89,27 @@ def test_small_dense_width_is_the_closest_multiple_of_8(density, width, heads):
     gap = abs(linear_weight_count(with_width(STUDY_CONFIG, width)) - target)
     for other in range(8, 257, 8):  # no other multiple of 8 comes closer
         assert abs(linear_weight_count(with_width(STUDY_CONFIG, other)) - target) >= gap
+
+
+@pytest.mark.parametrize("density,width,gap", [(0.2, 136, -0.0075), (0.1, 112, -0.038), (0.05, 104, 0.032)])
+def test_small_dense_total_holds_as_many_parameters_as_the_sparse_models_nonzeros(density, width, gap):
+    # The sparse model: density x 3.15M linear weights + 571K dense (embeddings, norms, biases); the linear-matched
+    # small-dense model holds 1.41x / 1.82x / 2.64x fewer. The total-matched one: within half a width step of 8.
+    target = sparse_nonzeros(STUDY_CONFIG, density)
+    assert target == pytest.approx(density * 3_145_728 + 570_880)  # as the study rows count them
+    narrow = small_dense_shape(STUDY_CONFIG, density)
+    assert target / parameter_count(GPT2Config(**{**STUDY_CONFIG.to_dict(), **narrow})) == pytest.approx(
+        {0.2: 1.41, 0.1: 1.82, 0.05: 2.64}[density], abs=0.005)
+    shape = small_dense_shape(STUDY_CONFIG, density, match="total")
+    assert shape == {"n_embd": width, "n_head": 2}
+    total = parameter_count(with_width(STUDY_CONFIG, width))
+    assert total / target - 1 == pytest.approx(gap, abs=0.001)
+    step = (parameter_count(with_width(STUDY_CONFIG, width + 8)) - parameter_count(with_width(STUDY_CONFIG, width - 8)))
+    assert abs(total - target) <= step / 4  # half of one width step (the mean of the steps either side)
+    for other in range(8, 257, 8):
+        assert abs(parameter_count(with_width(STUDY_CONFIG, other)) - target) >= abs(total - target)
+    with pytest.raises(ValueError, match="choose linear or total"):
+        small_dense_shape(STUDY_CONFIG, density, match="embeddings")
 
 
 def test_small_dense_keeps_head_size_and_scales_a_fixed_mlp_width():
@@ -156,6 +185,44 @@ def test_aggregation_gives_mean_and_spread_over_seeds(tmp_path):
     csv_lines = Path(paths[1]).read_text().splitlines()
     assert csv_lines[0].startswith("name,method,density,seed,block_size") and len(csv_lines) == 6
     assert "history" not in csv_lines[0]
+
+
+def test_tables_show_the_equal_size_references_with_their_total_and_average_parameters():
+    rows = [_row("dense", 1.0, 0, 100.0), _row("small_dense", 0.1, 0, 140.0), _row("small_dense_total", 0.1, 0, 125.0),
+            _row("momentum", 0.1, 0, 110.0), _row("magnitude", 0.1, 0, 105.0), _row("magnitude_average", 0.1, 0, 115.0)]
+    groups = aggregate(rows)
+    assert [g.label for g in groups] == ["dense", "small-dense", "small-dense (equal total)", "momentum", "magnitude",
+                                         "magnitude (equal average)"]
+    summary = [[cell.strip() for cell in line.split("|")[1:-1]] for line in format_summary(groups).splitlines()]
+    versus = summary[summary.index(["sparse momentum vs", "density 0.1"]):]
+    assert versus[2:] == [["small-dense", "-21.4%"], ["small-dense (equal total)", "-12.0%"], ["magnitude", "+4.8%"],
+                          ["magnitude (equal average)", "-4.3%"], ["dense", "+10.0%"]]
+    table = format_study(groups)
+    assert "| total nonzeros |" in table and "| small-dense (equal total) |" in table
+
+
+def test_the_references_train_with_their_rules_and_the_committed_results_still_load():
+    model_args, data_args, options, study, training_args = study_lm.parse_args(["--bf16", "true", "--use_cpu", "true"])
+
+    def prepared(run):
+        model_args_of_run, config, sparsity, args = study_lm.prepare_run(run, model_args, STUDY_CONFIG, options, study,
+                                                                         training_args)
+        return config, sparsity, study_lm.run_settings(run, model_args_of_run, data_args, sparsity, args)
+
+    config, sparsity, settings = prepared(StudyRun("small_dense_total", 0.1, 0))
+    assert (config.n_embd, config.n_head, sparsity.method, settings["sparsity"]) == (112, 2, "dense", None)
+    assert settings["model"]["config_overrides"] == "n_embd=112,n_head=2"
+    _, sparsity, settings = prepared(StudyRun("magnitude_average", 0.1, 0))
+    assert (sparsity.method, round(sparsity.initial_density, 4), round(sparsity.density, 4)) == ("magnitude", 0.2825,
+                                                                                                 0.0282)
+    assert settings["sparsity"]["initial_density"] == sparsity.initial_density and settings["sparse_clip"] == "active"
+    # every committed result of the study (written before these references existed) loads with today's settings
+    committed = sorted((ROOT / "docs" / "results" / "study").glob(f"*/{RESULT_FILE}"))
+    assert len(committed) >= 31
+    for path in committed:
+        saved = json.loads(path.read_text())["result"]
+        run = StudyRun(saved["method"], saved["density"], saved["seed"], saved["block_size"])
+        assert load_result(str(path.parent), prepared(run)[2], study_lm.ADDED_SETTINGS).name == run.name
 
 
 def test_plots_without_matplotlib_say_how_to_get_them(tmp_path, monkeypatch):
@@ -303,6 +370,21 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="training.max_steps=4 but this study has training.max_steps=6"):  # other settings: refused, not mixed into the table
         study_lm.main(flags + ["--max_steps", "6"])
     assert os.path.isfile(study / "study.json")
+
+
+def test_the_equal_size_references_run_through_the_recipe(tmp_path):
+    flags = _flags(tmp_path, "--methods", "momentum", "small_dense_total", "magnitude_average", "--densities", "0.25")
+    momentum, total, magnitude = study_lm.main(flags)
+    assert (total.name, magnitude.name) == ("small_dense_total-d0.25-s0", "magnitude_average-d0.25-s0")
+    # n_layer=1, n_embd=64: the sparse model holds 12,288 linear + 22,208 other = 34,496 nonzeros; width 40 (the
+    # closest multiple of 8: 32 holds 23,392, 48 holds 44,304) holds 33,080 in all
+    assert (momentum.nonzero_params, total.width, total.nonzero_params, total.density) == (34_496, 40, 33_080, 0.25)
+    # 4 steps, updates at 2 and 4: linear weights averaged over training equal 0.25 x the full model's, the final ones
+    # fewer; the rows keep the density they match
+    assert magnitude.average_params - magnitude.other_params == pytest.approx(0.25 * magnitude.linear_params, rel=1e-3)
+    assert magnitude.linear_nonzeros < 0.25 * magnitude.linear_params and magnitude.density == 0.25
+    table = (tmp_path / "study" / "study.md").read_text()
+    assert "small-dense (equal total)" in table and "magnitude (equal average)" in table
 
 
 def test_a_group_speed_comes_from_runs_on_a_quiet_machine():

@@ -12,8 +12,13 @@ training recipe resumes an unfinished one from its last checkpoint. A result is 
 was trained with: another step budget, model or learning rate is a one-line error, not a silently mixed table.
 
 Methods are sparsity methods (trained fine-grained; block-sparse with ``block_methods``), ``dense`` (the full
-model) and ``small_dense`` (a narrower dense model with as many linear weights as the sparse ones at that
-density: ``sparse_nlp.lm.small_dense``).
+model) and the equal-size references:
+- ``small_dense``: a narrower dense model with as many linear weights as the sparse ones at that density;
+- ``small_dense_total``: one with as many parameters in all as the sparse model's nonzeros, embeddings included
+  (both ``sparse_nlp.lm.small_dense``);
+- ``magnitude_average``: gradual magnitude pruning whose linear weights averaged over training equal the sparse
+  runs' (it starts and ends sparser: ``sparse_nlp.lm.magnitude_budget``).
+A reference's ``density`` is the density it matches, not its own.
 """
 from __future__ import annotations
 
@@ -26,13 +31,17 @@ from sparse_nlp.config import DENSE
 from sparse_nlp.lm.reporting import RunResult
 
 SMALL_DENSE = "small_dense"
+SMALL_DENSE_TOTAL = "small_dense_total"
+MAGNITUDE_AVERAGE = "magnitude_average"
+DENSE_REFERENCES = (DENSE, SMALL_DENSE, SMALL_DENSE_TOTAL)  # runs without sparsity
+SPARSITY_METHOD_OF = {MAGNITUDE_AVERAGE: "magnitude"}  # references trained by a sparsity method under another name
 RESULT_FILE = "study_result.json"
 
 
 @dataclass(frozen=True)
 class StudyRun:
-    method: str  # a sparsity method, "dense" or "small_dense"
-    density: float  # target density of the linear layers (small-dense: the density it matches); 1.0 for dense
+    method: str  # a sparsity method, "dense", or a reference: "small_dense", "small_dense_total", "magnitude_average"
+    density: float  # target density of the linear layers (a reference: the density it matches); 1.0 for dense
     seed: int
     block_size: int = 1  # 1: fine-grained masks; 64: block-sparse layers
 
@@ -46,7 +55,12 @@ class StudyRun:
 
     @property
     def is_sparse(self) -> bool:
-        return self.method not in (DENSE, SMALL_DENSE)
+        return self.method not in DENSE_REFERENCES
+
+    @property
+    def sparsity_method(self) -> str:
+        """The sparsity method it trains with ("dense" for the dense references)."""
+        return DENSE if not self.is_sparse else SPARSITY_METHOD_OF.get(self.method, self.method)
 
 
 def plan_grid(
@@ -98,7 +112,7 @@ class StudyResult:
 
     name: str
     method: str
-    density: float  # target density of the linear layers (1.0 dense; small-dense: the density it matches)
+    density: float  # target density of the linear layers (1.0 dense; a reference: the density it matches)
     seed: int
     block_size: int
     width: int  # hidden width of the model trained (small-dense runs are narrower)

@@ -58,7 +58,7 @@ def _density_axis(axes, groups: Sequence[StudyGroup]) -> None:
         axes.set_xticks(densities, labels=[f"{d:g}" for d in densities])
         axes.set_xticks([], minor=True)
         axes.set_xlim(densities[-1] * 1.25, densities[0] / 1.25)  # sparser to the right
-    axes.set_xlabel("density of the linear layers (log scale; small-dense: the density it matches)")
+    axes.set_xlabel("density of the linear layers (log scale; references: the density they match)")
     axes.grid(alpha=0.3, which="both")
 
 
@@ -68,7 +68,8 @@ def _perplexity(figure, groups, results, layer_density) -> None:
         x = [g.density for g in members]
         y = [g.val_perplexity for g in members]
         spread = [g.val_perplexity_sd or 0.0 for g in members]
-        style = dict(color="black", linestyle="--") if label == "small-dense" else {}
+        style = {"small-dense": dict(color="black", linestyle="--"),
+                 "small-dense (equal total)": dict(color="dimgray", linestyle="-.")}.get(label, {})
         axes.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=label, **style)
     dense = [g for g in groups if g.method == DENSE]
     if dense:
@@ -119,7 +120,7 @@ def _layer_density(figure, groups, results, layer_density) -> None:
 def _speed(figure, groups, results, layer_density) -> None:
     axes = figure.subplots()
     for label, members in _lines(groups).items():
-        if label == "small-dense":
+        if label.startswith("small-dense"):  # dense models, not a sparse path's speed
             continue
         block = members[0].block_size > 1
         members = [g for g in members if g.tokens_per_second is not None and not g.speed_on_busy_machine]

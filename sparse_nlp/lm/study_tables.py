@@ -21,9 +21,15 @@ from typing import Optional, Sequence
 from sparse_nlp.config import DENSE
 from sparse_nlp.lm.machine_load import is_quiet
 from sparse_nlp.lm.reporting import aligned_table, format_duration
-from sparse_nlp.lm.study import SMALL_DENSE, StudyResult
+from sparse_nlp.lm.study import MAGNITUDE_AVERAGE, SMALL_DENSE, SMALL_DENSE_TOTAL, StudyResult
 
 HISTORIES = ("loss_history", "density_history")  # kept in study.json, not in the flat CSV
+# Table labels of the references (other methods: their name); the equal-size references say what they match.
+LABELS = {SMALL_DENSE: "small-dense", SMALL_DENSE_TOTAL: "small-dense (equal total)",
+          MAGNITUDE_AVERAGE: "magnitude (equal average)"}
+# What sparse momentum is compared with in the summary, in this order (those in the study).
+VERSUS = ("static", "set", "small-dense", "small-dense (equal total)", "rigl", "magnitude", "magnitude (equal average)",
+          "dense")
 CSV_COLUMNS = tuple(f.name for f in fields(StudyResult) if f.name not in HISTORIES)
 
 
@@ -52,8 +58,8 @@ class StudyGroup:
 
     @property
     def label(self) -> str:
-        if self.method == SMALL_DENSE:
-            return "small-dense"
+        if self.method in LABELS:
+            return LABELS[self.method]
         return f"{self.method} (block {self.block_size})" if self.block_size > 1 else self.method
 
 
@@ -148,7 +154,7 @@ def format_summary(groups: Sequence[StudyGroup]) -> str:
     momentum = {d: by_cell.get(("momentum", d)) for d in densities}
     if not any(momentum.values()):
         return text
-    references = [label for label in ("static", "set", "small-dense", "rigl", "magnitude", "dense") if label in labels]
+    references = [label for label in VERSUS if label in labels]
     versus = [["sparse momentum vs"] + [f"density {d:g}" for d in densities]]
     for label in references:
         cells = []
@@ -161,8 +167,8 @@ def format_summary(groups: Sequence[StudyGroup]) -> str:
     return text + "\n\n" + aligned_table(versus)
 
 
-HEADER = ("method", "seeds", "width", "linear nonzeros", "embeddings etc.", "average params", "val ppl", "vs dense",
-          "test ppl", "tokens/s", "wall time per run")
+HEADER = ("method", "seeds", "width", "linear nonzeros", "embeddings etc.", "total nonzeros", "average params",
+          "val ppl", "vs dense", "test ppl", "tokens/s", "wall time per run")
 
 
 def _group_table(groups: Sequence[StudyGroup], dense: Optional[StudyGroup]) -> str:
@@ -171,7 +177,8 @@ def _group_table(groups: Sequence[StudyGroup], dense: Optional[StudyGroup]) -> s
         same = math.isclose(g.average_params, g.nonzero_params, rel_tol=5e-3)
         rows.append([
             g.label, str(len(g.seeds)), str(g.width), _count(g.linear_nonzeros), _count(g.other_params),
-            "= final" if same else _count(g.average_params), _mean_sd(g.val_perplexity, g.val_perplexity_sd),
+            _count(g.nonzero_params), "= final" if same else _count(g.average_params),
+            _mean_sd(g.val_perplexity, g.val_perplexity_sd),
             _versus(g.val_perplexity, dense), _mean_sd(g.test_perplexity, g.test_perplexity_sd),
             "-" if g.tokens_per_second is None else f"{g.tokens_per_second:,.0f}" + (" (busy)" if g.speed_on_busy_machine else ""),
             "-" if g.wall_seconds is None else format_duration(g.wall_seconds),

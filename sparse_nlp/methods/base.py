@@ -28,6 +28,7 @@ class LayerState:
     gradient: Optional[torch.Tensor]  # set when the method needs_gradient
     target_nonzeros: int  # the layer's planned final number of active weights
     generator: torch.Generator  # CPU generator for random choices (same seed on every rank)
+    initial_nonzeros: Optional[int] = None  # where gradual pruning starts (sparsify's initial_density); None: numel
 
     @property
     def nonzeros(self) -> int:

@@ -1,7 +1,8 @@
 """Gradual magnitude pruning (Zhu & Gupta, 2017): from dense to the target density, nothing regrown.
 
 At training progress p in [0, 1] (1 at the last topology update) a layer keeps
-``target + (numel - target) * (1 - p)^3`` weights: the cubic schedule prunes fast early and gently at the end.
+``target + (start - target) * (1 - p)^3`` weights: the cubic schedule prunes fast early and gently at the end.
+``start`` is the layer's size (dense), or its count at ``initial_density`` when the run starts sparser.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from sparse_nlp.methods.base import LayerPlan, LayerState, TopologyMethod
 
 def scheduled_nonzeros(layer: LayerState, progress: float) -> int:
     p = min(max(progress, 0.0), 1.0)
-    return round(layer.target_nonzeros + (layer.numel - layer.target_nonzeros) * (1.0 - p) ** 3)
+    start = layer.numel if layer.initial_nonzeros is None else layer.initial_nonzeros
+    return round(layer.target_nonzeros + (start - layer.target_nonzeros) * (1.0 - p) ** 3)
 
 
 class GradualMagnitude(TopologyMethod):
