@@ -195,7 +195,7 @@ class SparsityController:
         self.apply_masks()
         self.update_count += 1
         self.density_history.append(self._density_record())
-        moved, removed = self._changed_weights(before)
+        moved, removed = self._changed_weights(before, [state.mask for state in states])
         return {
             "prune_rate": prune_rate,
             "pruned": sum(p.prune for p in plans),
@@ -229,12 +229,15 @@ class SparsityController:
     def _whole_mask(layer) -> torch.Tensor:
         return layer.mask if isinstance(layer, BlockSparseLinear) else layer.whole_mask()
 
-    def _changed_weights(self, before: list[torch.Tensor]) -> tuple[int, int]:
-        """(turned on, turned off) weights between the masks ``before`` and now, counted in weights."""
+    def _changed_weights(self, before: list[torch.Tensor], after: list[torch.Tensor]) -> tuple[int, int]:
+        """(turned on, turned off) weights between the whole masks ``before`` and ``after``, counted in weights.
+
+        ``after``: the updated states' masks (the layer's own, or under FSDP2 the whole copy its shards were written
+        from), so nothing is gathered a second time.
+        """
         turned_on = turned_off = 0
-        for (_, layer), old in zip(self.layers, before):
+        for (_, layer), old, now in zip(self.layers, before, after):
             unit = layer.block_size**2 if isinstance(layer, BlockSparseLinear) else 1
-            now = self._whole_mask(layer)
             turned_on += int((now & ~old).sum()) * unit
             turned_off += int((old & ~now).sum()) * unit
         return turned_on, turned_off

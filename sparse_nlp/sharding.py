@@ -10,8 +10,8 @@ rows of its own weight rows, so the masked weights are exactly zero on every sha
   weight gradient stays dense, as on one process: FSDP reduce-scatters it, and the optimizer's momentum of absent
   weights is real.
 - Topology update (every ``update_interval`` steps): prune, redistribution and growth need a whole layer (top-k over
-  its weights and momentum), so the controller gathers each sparse layer's weight, mask and momentum (and gradient,
-  for RigL), decides on every rank from the same gathered bytes, takes rank 0's decision (one broadcast of the whole
+  its weights and momentum), so the controller gathers each sparse layer's mask, and its weight, momentum (and
+  gradient, for RigL) when the method reads them (``GatheredLayerState``), decides on every rank from the same gathered bytes, takes rank 0's decision (one broadcast of the whole
   mask, as under DDP), and every rank writes its own shard back: mask rows, zeros at grown positions, optimizer state
   reset at grown positions.
 - Every collective here is called on every rank (topology updates, checkpoints, clipping); a count shown in logs
