@@ -63,6 +63,7 @@ from sparse_nlp.lm.reporting import (
     write_results,
 )
 from sparse_nlp.lm.tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer
+from sparse_nlp.lm.training_clock import TrainingClock, validation_curve
 
 # The default model: GPT-2's architecture at nanoGPT's "baby" scale, sized so that the sparse and the dense run
 # together take well under 15 minutes on 2 CPU cores (measured: docs/default_run.md) and still learn real English.
@@ -337,7 +338,9 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
     model = build_model(model_args, tokenizer)
     trainer = SparseTrainer(
         model=model, args=args, train_dataset=blocks["train"], data_collator=default_data_collator,
-        processing_class=tokenizer, sparsity_config=sparsity,
+        processing_class=tokenizer, sparsity_config=sparsity, callbacks=[TrainingClock()],
+        # --eval_strategy steps --eval_steps N: validation perplexity during training (a curve by steps and seconds)
+        eval_dataset=blocks.get("validation") if args.eval_strategy != "no" else None,
     )
     with OtherLoad() as load:  # was the machine quiet while it trained? (the speed is comparable only then)
         output = trainer.train(resume_from_checkpoint=resume_point(training_args, run_dir, single_run))
@@ -368,6 +371,7 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
         loss_history=[(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry],
         density_history=list(controller.density_history) if controller is not None else [],
         other_load=load.share if args.world_size == 1 else None,  # other ranks of this job would count as others
+        validation_history=validation_curve(trainer.state.log_history),
     )
     if controller is not None:
         unsparsify(model)  # the final model is a plain transformers model: masked weights are exact zeros

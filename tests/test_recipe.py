@@ -324,3 +324,19 @@ def test_a_sequence_length_memory_cannot_hold_fails_in_one_line_before_tokenizin
     assert 32 < largest < 100000
     with pytest.raises(_Stop):  # the suggested length passes the memory check
         train_lm.main(_tiny_flags(tmp_path, cache, "--train_file", str(train), "--seq_length", str(largest)))
+
+
+def test_validation_during_training_gives_a_curve_and_leaves_the_training_as_it_was(text_files, tmp_path):
+    train, valid, cache = text_files
+    flags = _tiny_flags(tmp_path / "plain", cache, "--train_file", str(train), "--validation_file", str(valid),
+                        "--dense_baseline", "false")
+    (plain,) = train_lm.main(flags)
+    flags[flags.index("--output_dir") + 1] = str(tmp_path / "evaluated")
+    (evaluated,) = train_lm.main(flags + ["--eval_strategy", "steps", "--eval_steps", "2"])
+    assert plain.validation_history == []
+    assert [step for step, _, _ in evaluated.validation_history] == [2, 4]
+    seconds = [s for _, s, _ in evaluated.validation_history]
+    assert 0 < seconds[0] < seconds[1] <= evaluated.train_seconds
+    assert all(1 < ppl < 300 for _, _, ppl in evaluated.validation_history)  # vocabulary 300
+    assert evaluated.loss_history == plain.loss_history  # evaluating draws no randomness and changes no weight
+    assert evaluated.val_perplexity == plain.val_perplexity

@@ -38,6 +38,8 @@ class RunResult:
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss) per log
     density_history: list[dict] = field(default_factory=list)  # controller.density_history: at the start, per update
     other_load: Optional[float] = None  # share of the cores other processes used while it trained (lm.machine_load)
+    # (step, training seconds, validation perplexity) per evaluation during training (--eval_strategy steps)
+    validation_history: list[tuple] = field(default_factory=list)
 
 
 COLUMNS = (  # (header, how to format a row)

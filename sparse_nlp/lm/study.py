@@ -135,6 +135,8 @@ class StudyResult:
     other_load: Optional[float] = None  # share of the cores other processes used while it trained; None: unknown
     loss_history: list = field(default_factory=list)
     density_history: list = field(default_factory=list)
+    # [step, training seconds, validation perplexity] per evaluation during training (--eval_strategy steps)
+    validation_history: list = field(default_factory=list)
 
     def run_result(self) -> RunResult:
         """As the training recipe's row (for its plots and tables)."""
@@ -145,6 +147,7 @@ class StudyResult:
             tokens_per_second=self.tokens_per_second or 0.0, train_seconds=self.train_seconds or 0.0,
             topology_updates=self.topology_updates, compute_path=self.compute_path,
             loss_history=[tuple(point) for point in self.loss_history], density_history=self.density_history,
+            validation_history=[tuple(point) for point in self.validation_history],
         )
 
 
@@ -188,6 +191,7 @@ def study_result(
         resumed_from_step=resumed_from_step, topology_updates=result.topology_updates,
         compute_path=result.compute_path, precision=precision, loss_history=[list(p) for p in result.loss_history],
         density_history=list(result.density_history), other_load=result.other_load if speed else None,
+        validation_history=[list(point) for point in result.validation_history],
     )
 
 

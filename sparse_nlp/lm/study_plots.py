@@ -7,7 +7,9 @@
 - ``study_layer_density.png``: sparse momentum's per-layer density over training (the run at ``layer_density``,
   0.1 by default, first seed) and each layer's final density by depth: which layers gain weights, attention or
   MLP, early or late;
-- ``study_speed.png``: training tokens/s against density, fine-grained against block-sparse, dense as a line.
+- ``study_speed.png``: training tokens/s against density, fine-grained against block-sparse, dense as a line;
+- ``study_curves.png``, when runs were evaluated during training: validation perplexity against steps and training
+  time (``sparse_nlp.lm.curve_plots``).
 
 matplotlib is optional (``pip install -e ".[plot]"``) and imported only here, when a plot is drawn; the figures are
 built without pyplot (no backend is chosen, no global state touched: they render with Agg).
@@ -19,6 +21,7 @@ import re
 from typing import Sequence
 
 from sparse_nlp.config import DENSE
+from sparse_nlp.lm.curve_plots import CURVES_FILE, write_validation_curves
 from sparse_nlp.lm.plots import INSTALL_HINT, plot_densities, is_attention_layer
 from sparse_nlp.lm.study import SMALL_DENSE, StudyResult
 from sparse_nlp.lm.study_tables import StudyGroup, aggregate
@@ -39,6 +42,8 @@ def write_study_plots(results: Sequence[StudyResult], output_dir: str, layer_den
         figure = Figure(figsize=(12, 4.8) if draw is _layer_density else (7, 4.8), layout="constrained")
         draw(figure, groups, results, layer_density)
         figure.savefig(path, dpi=110)
+    if any(r.validation_history for r in results):  # evaluated during training (--eval_strategy steps)
+        paths.append(write_validation_curves(results, os.path.join(output_dir, CURVES_FILE)))
     return paths
 
 
