@@ -23,6 +23,7 @@ from torch import nn
 from sparse_nlp import kernels
 from sparse_nlp.kernels import autograd as kernel_autograd, cpu_native, custom_ops, ops as kernel_ops
 from sparse_nlp.compile_support import let_dynamo_resize_parameters, mark_block_dim_dynamic, swap_tensors
+from sparse_nlp.optimizer_state import scale_slots_from_gradients
 from sparse_nlp.precision import has_fast_bf16
 
 # The layout's index tensors, held as non-persistent buffers "layout_<name>" (checkpoints keep only block_mask).
@@ -310,14 +311,19 @@ class BlockSparseLinear(nn.Module):
         mean = self.dense_grad_average()
         if mean is None or adam == "raw":
             return mean
-        if self.dense_grad_sq_ema is not None:
-            mean_sq = self.dense_grad_sq_ema
-        elif self.dense_grad_sq_sum is not None:
-            mean_sq = self.dense_grad_sq_sum / self.dense_grad_steps
-        else:
+        mean_sq = self.dense_grad_mean_square()
+        if mean_sq is None:
             raise ValueError("no second moments were collected: end_step(..., squares=True) keeps them.")
         rms = mean_sq.sqrt()
         return torch.where(rms > 0, mean / rms.clamp_min(torch.finfo(rms.dtype).tiny), torch.zeros_like(mean))
+
+    def dense_grad_mean_square(self) -> Optional[torch.Tensor]:
+        """The mean square of each weight's collected gradients ([out, in]); None unless squares were kept."""
+        if self.dense_grad_sq_ema is not None:
+            return self.dense_grad_sq_ema
+        if self.dense_grad_sq_sum is not None and self.dense_grad_steps:
+            return self.dense_grad_sq_sum / self.dense_grad_steps
+        return None
 
     DENSE_GRAD_STATE = ("dense_grad_sum", "dense_grad_sq_sum", "dense_grad_ema", "dense_grad_sq_ema")
 
@@ -339,8 +345,13 @@ class BlockSparseLinear(nn.Module):
 
     # ---- topology ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def set_block_mask(self, new_mask: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
-        """Move blocks in and out. Survivors keep values and optimizer state; new blocks start at 0 with zero state.
+    def set_block_mask(
+        self, new_mask: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None,
+        regrown_scale: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Move blocks in and out. Survivors keep values and optimizer state; new blocks start at 0 with zero state,
+        or with ``regrown_scale`` (each weight's mean squared gradient, [out, in]: ``regrown_state="fresh"``) their
+        gradient-scale slots as a fresh weight's on the tensor's clock (``scale_slots_from_gradients``).
 
         Returns the flat grid indices of the new blocks.
         """
@@ -361,6 +372,13 @@ class BlockSparseLinear(nn.Module):
         for key, value in list(state.items()):
             if isinstance(value, torch.Tensor) and value.shape == old_shape:
                 state[key] = remap(value)
+        new_rows = (~survives).nonzero().squeeze(1)
+        if regrown_scale is not None and new_rows.numel() and optimizer is not None:
+            rows, cols = self.block_mask.shape
+            b = self.block_size
+            blocks = regrown_scale.detach().float().view(rows, b, cols, b).transpose(1, 2).reshape(rows * cols, b, b)
+            for key, value in scale_slots_from_gradients(optimizer, self.values, blocks[new_positions[new_rows]]).items():
+                state[key][new_rows] = value
         self._resize_values(remap(self.values.detach()))
         self.block_mask.copy_(new_mask)
         self._set_layout(kernels.BlockSparseLayout.from_block_mask(self.block_mask, self.block_size))

@@ -83,7 +83,8 @@ class SparsityConfig:
             "per-tensor bias correction then makes their first steps and momentum read several times too large, "
             "which trained 1.7% better than fresh in a small measurement: docs/study.md), fresh (momentum zeroed, "
             "gradient scale such as exp_avg_sq kept: steps no larger than a fresh parameter's) or keep (all "
-            "the state gathered from the straight-through gradients while absent, as the reference since v1.0)."
+            "the state gathered from the straight-through gradients while absent, as the reference since v1.0). Block "
+            "layers: reset or fresh (new blocks' exp_avg_sq from the gradients collected before the update)."
         },
     )
     fused_qkv: str = field(
@@ -162,9 +163,10 @@ class SparsityConfig:
             raise ValueError(f"momentum_window must be a positive integer, got {self.momentum_window!r}.")
         if self.block_scores not in BLOCK_SCORES:
             raise ValueError(f"unknown block_scores {self.block_scores!r}; choose optimizer or collected.")
-        if self.regrown_state != "reset" and self.block_size > 1:
-            raise ValueError(f"regrown_state={self.regrown_state} needs fine-grained masks (block_size 1): "
-                             "block-sparse layers keep no optimizer state for absent blocks (new ones start at zero).")
+        if self.regrown_state == "keep" and self.block_size > 1:
+            raise ValueError("regrown_state=keep needs fine-grained masks (block_size 1): block-sparse layers keep no "
+                             "optimizer state for absent blocks; use reset, or fresh (their gradient scale from the "
+                             "gradients collected before the update).")
         if self.fused_qkv not in FUSED_QKV:
             raise ValueError(f"unknown fused_qkv {self.fused_qkv!r}; choose joint or split.")
         if self.fused_qkv == "split" and self.block_size > 1:

@@ -106,8 +106,8 @@ class SparsityController:
     # ---- dense gradients of block-sparse layers (the momentum of absent blocks) -----------------------------
     def _collects_dense_grads(self) -> bool:
         return bool(self.block_layers) and self.schedule is not None and (
-            self.method.needs_momentum or self.method.needs_gradient
-        )
+            self.method.needs_momentum or self.method.needs_gradient or self.config.regrown_state == "fresh"
+        )  # fresh: new blocks take their gradient scale from the window, whatever the method scores
 
     def _plan_dense_grad_collection(self) -> None:
         """Tell block layers whether the next step's backward should also compute the dense dW."""
@@ -127,7 +127,8 @@ class SparsityController:
         beta = self.config.momentum_beta if self.config.block_momentum == "exact" else None
         if is_distributed():  # each rank's step is of its local batch: average first (the squares need the whole)
             all_reduce_dense_grads(self.block_layers)
-        squares = self.config.block_scores == "collected" and self.config.adam_momentum == "normalized"
+        squares = ((self.config.block_scores == "collected" and self.config.adam_momentum == "normalized")
+                   or self.config.regrown_state == "fresh")  # fresh: new blocks' gradient scale from the window
         for layer in self.block_layers:
             layer.end_step(beta, squares)
 
@@ -176,7 +177,9 @@ class SparsityController:
             if isinstance(layer, BlockSparseLinear):  # the state was a copy over blocks: move the blocks now
                 if is_distributed():  # rank 0's blocks, before the values move (they must match the mask)
                     broadcast_masks([state.mask])
-                layer.set_block_mask(state.mask, self.optimizer)
+                fresh = self.config.regrown_state == "fresh"
+                layer.set_block_mask(state.mask, self.optimizer,
+                                     regrown_scale=layer.dense_grad_mean_square() if fresh else None)
             elif is_sharded(layer.mask):  # FSDP2: the state was a gathered copy; each rank writes its shard back
                 self._write_sharded_update(i, layer, state.mask, grown)
             elif self.config.regrown_state != "keep":  # reset: every slot zeroed; fresh: the gradient scale kept

@@ -48,6 +48,32 @@ def optimizer_momentum(state: dict, adam: str = "normalized") -> Optional[torch.
     return None
 
 
+def scale_slots_from_gradients(
+    optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, mean_square: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The gradient-scale slots a fresh weight of ``param`` would hold on the tensor's own clock, given the mean
+    square of its gradients (same shape as the slots it fills); ``{}`` where that cannot be said.
+
+    AdamW (and Adam) keep ``exp_avg_sq`` = (1 - b2^t) E[g^2] after t steps of gradients of mean square E[g^2], and
+    bias-correct by 1 - b2^t: filled so, a regrown weight's steps are scaled as an established weight's. For block
+    layers, whose absent blocks have no optimizer state to keep (``regrown_state="fresh"`` with ``block_size > 1``).
+    Other optimizers, and a parameter that has not stepped yet, get ``{}`` (their new state starts at zero).
+    """
+    state = optimizer.state.get(param, {})
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if group is None or "betas" not in group or not isinstance(state.get("exp_avg_sq"), torch.Tensor):
+        return {}
+    step = float(state["step"]) if "step" in state else 0.0
+    if step < 1:
+        return {}
+    beta2 = float(group["betas"][1])
+    filled = (mean_square * (1 - beta2**step)).to(state["exp_avg_sq"].dtype)
+    slots = {"exp_avg_sq": filled}
+    if isinstance(state.get("max_exp_avg_sq"), torch.Tensor):  # AMSGrad: the largest seen is at least this
+        slots["max_exp_avg_sq"] = filled.clone()
+    return slots
+
+
 class MomentumTracker:
     """Momentum per parameter: the optimizer's own where it has one, else a gradient average kept here."""
 

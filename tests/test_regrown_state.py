@@ -121,3 +121,69 @@ def test_fresh_zeroes_sgd_momentum_as_reset_does():
     grown, _ = _regrow(layer, controller)
     assert torch.all(optimizer.state[layer.weight]["momentum_buffer"][grown] == 0)
     assert torch.all(optimizer.state[layer.weight]["momentum_buffer"][~grown] == 1)
+
+
+# ---- block-sparse layers: no state is kept for absent blocks; fresh fills the scale from the collected gradients
+BLOCK = 16
+
+
+def _block_layer_at_step_T():
+    """A 32 -> 32 block layer (2 of 4 blocks live) at step T of the constant gradient g, as _trained sets it."""
+    holder = nn.Sequential(nn.Linear(32, 32, bias=False))
+    sparsify(holder, density=0.5, block_size=BLOCK)
+    layer = holder[0]
+    optimizer = torch.optim.AdamW(holder.parameters(), lr=LR, betas=(BETA1, BETA2), weight_decay=0.0)
+    gradient = torch.linspace(0.1, 2.0, 32 * 32).reshape(32, 32) * torch.tensor([1.0, -1.0]).repeat(512).reshape(32, 32)
+    live = layer.block_mask.view(-1).nonzero().squeeze(1)
+    blocks = gradient.view(2, BLOCK, 2, BLOCK).transpose(1, 2).reshape(4, BLOCK, BLOCK)
+    optimizer.state[layer.values].update(step=torch.tensor(float(T)), exp_avg=blocks[live] * (1 - BETA1**T),
+                                         exp_avg_sq=blocks[live] ** 2 * (1 - BETA2**T))
+    return layer, optimizer, gradient, blocks
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_new_blocks_step_like_a_fresh_parameter_when_their_scale_comes_from_the_window(fresh):
+    layer, optimizer, gradient, blocks = _block_layer_at_step_T()
+    old = layer.block_mask.clone()
+    new_mask = ~old  # every live block out, every absent one in
+    new = layer.set_block_mask(new_mask, optimizer, regrown_scale=gradient**2 if fresh else None)
+    assert sorted(new.tolist()) == sorted(new_mask.view(-1).nonzero().squeeze(1).tolist())
+    state = optimizer.state[layer.values]
+    assert torch.all(state["exp_avg"] == 0)
+    expected_sq = blocks[new] ** 2 * (1 - BETA2**T) if fresh else torch.zeros_like(state["exp_avg_sq"])
+    torch.testing.assert_close(state["exp_avg_sq"], expected_sq)
+    before = layer.values.detach().clone()
+    layer.values.grad = blocks[new].clone()
+    optimizer.step()
+    size = ((layer.values.detach() - before).abs() / LR).mean().item()
+    if fresh:  # momentum builds from zero on the established scale: (1 - b1) / (1 - b1^(T+1)) of a full step
+        assert size == pytest.approx((1 - BETA1) / (1 - BETA1 ** (T + 1)), rel=1e-3)
+    else:  # zeroed scale under the tensor's bias correction: far larger than a fresh parameter's first step
+        assert size > 2
+
+
+@pytest.mark.parametrize("method", ["momentum", "set"])  # set scores nothing: the window is collected for fresh
+def test_a_block_run_with_fresh_regrowth_fills_the_new_blocks_scale_from_the_collected_gradients(method):
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(64, 64, bias=False))
+    sparsify(holder, density=0.25, block_size=BLOCK, update_interval=4, momentum_window=2, regrown_state="fresh",
+             block_scores="collected", prune_rate=0.5, method=method)
+    target = torch.randn(64, 64)
+    layer = holder[0]
+    optimizer = torch.optim.AdamW(holder.parameters(), lr=LR)
+    controller = SparsityController(holder, optimizer, total_steps=40)
+    grown = False
+    for step in range(12):
+        x = torch.randn(8, 64)
+        (holder(x) - x @ target).pow(2).sum().backward()
+        old = layer.block_mask.clone()
+        optimizer.step()
+        controller.step()
+        optimizer.zero_grad()
+        if not torch.equal(old, layer.block_mask):
+            new_rows = [i for i, p in enumerate(layer.block_mask.view(-1).nonzero().squeeze(1).tolist())
+                        if not old.view(-1)[p]]
+            exp_avg_sq = optimizer.state[layer.values]["exp_avg_sq"]
+            assert all(exp_avg_sq[r].min() > 0 for r in new_rows)
+            grown = True
+    assert grown

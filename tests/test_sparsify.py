@@ -120,7 +120,6 @@ def test_unknown_method_lists_known_ones():
     "options, message",
     [({"adam_momentum": "signed"}, "choose normalized or raw"), ({"regrown_state": "random"}, "choose reset, fresh, keep"),
      ({"regrown_state": "keep", "block_size": 16}, "needs fine-grained masks"),
-     ({"regrown_state": "fresh", "block_size": 16}, "needs fine-grained masks"),
      ({"block_scores": "live"}, "choose optimizer or collected")],
 )
 def test_bad_momentum_options_are_one_clear_error(options, message):
