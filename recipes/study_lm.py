@@ -1,6 +1,6 @@
 """The NLP-gap study: sparse momentum against every baseline and a small dense model, across densities, with seeds.
 
-    nohup accelerate launch recipes/study_lm.py > study.log 2>&1 &          # the default grid (37 runs, ~4.5 h
+    nohup accelerate launch recipes/study_lm.py > study.log 2>&1 &          # the default grid (43 runs, ~6 h
                                                                              # on 2 CPU cores); again to resume
     accelerate launch recipes/study_lm.py --quick --output_dir /tmp/study   # smoke test: a tiny grid, minutes
     accelerate launch recipes/study_lm.py --densities 0.1 0.05 --methods dense momentum static --seeds 0 1 2 \\
@@ -15,6 +15,7 @@ Each run is one call of recipes/train_lm.py's `train_one` on the same tokens, st
   (embeddings included) (``sparse_nlp.lm.small_dense``: width rule and weight counts);
 - ``magnitude_average``: gradual magnitude pruning with as many linear weights averaged over training as the sparse
   runs (the cubic schedule scaled down: it starts and ends sparser; ``sparse_nlp.lm.magnitude_budget``);
+- ``rigl_own``, ``set_own``: RigL and SET at their own papers' settings (``sparse_nlp.lm.study.OWN_SETTINGS``);
 - every sparsity method in ``--methods`` at every density, fine-grained; ``--block_methods`` block-sparse
   (``--study_block_size`` 64, fast block momentum);
 - the further ``--seeds`` for ``--seeded_methods`` at ``--seeded_densities``.
@@ -52,8 +53,8 @@ from sparse_nlp.config import DENSE  # noqa: E402
 from sparse_nlp.lm.magnitude_budget import equal_average_magnitude  # noqa: E402
 from sparse_nlp.lm.small_dense import linear_layer_sizes, small_dense_shape  # noqa: E402
 from sparse_nlp.lm.study import (  # noqa: E402
-    MAGNITUDE_AVERAGE, SMALL_DENSE, SMALL_DENSE_TOTAL, StudyRun, load_result, plan_grid, run_dir, study_result,
-    write_result,
+    MAGNITUDE_AVERAGE, OWN_SETTINGS, RIGL_OWN, SET_OWN, SMALL_DENSE, SMALL_DENSE_TOTAL, StudyRun, load_result,
+    plan_grid, run_dir, study_result, write_result,
 )
 from sparse_nlp.lm.study_plots import write_study_plots  # noqa: E402
 from sparse_nlp.lm.study_tables import write_study  # noqa: E402
@@ -84,10 +85,11 @@ class StudyArguments:
         default_factory=lambda: [0.2, 0.1, 0.05], metadata={"help": "Densities of the linear layers to study."})
     methods: list[str] = field(
         default_factory=lambda: [DENSE, SMALL_DENSE, SMALL_DENSE_TOTAL, "momentum", "rigl", "set", "static",
-                                 "magnitude", MAGNITUDE_AVERAGE],
+                                 "magnitude", MAGNITUDE_AVERAGE, RIGL_OWN, SET_OWN],
         metadata={"help": "Fine-grained sparsity methods, and the references dense, small_dense (linear weights "
-                  "matched), small_dense_total (all nonzeros matched) and magnitude_average (gradual pruning with "
-                  "the sparse runs' average linear weights); 'none' for block runs only."})
+                  "matched), small_dense_total (all nonzeros matched), magnitude_average (gradual pruning with "
+                  "the sparse runs' average linear weights), rigl_own and set_own (at their papers' settings); "
+                  "'none' for block runs only."})
     block_methods: list[str] = field(
         default_factory=lambda: ["momentum"],
         metadata={"help": "Methods also trained block-sparse (--study_block_size); 'none' for no block runs."})
@@ -108,6 +110,8 @@ class StudyArguments:
     layer_density: float = field(
         default=0.1, metadata={"help": "The sparse momentum run whose per-layer densities are plotted."})
     quick: bool = field(default=False, metadata={"help": "A tiny grid for a smoke test (a few minutes on 2 cores)."})
+    tables_only: bool = field(
+        default=False, metadata={"help": "Train nothing: write the tables and plots from the grid's finished runs."})
 
 
 @dataclass
@@ -202,6 +206,8 @@ def prepare_run(run: StudyRun, model_args, base_config, sparsity_options: dict, 
     density = run.density if run.is_sparse else 1.0
     sparsity = SparsityConfig(**{**sparsity_options, "method": run.sparsity_method, "density": density,
                                  "block_size": run.block_size, "seed": run.seed})
+    if run.method in OWN_SETTINGS:  # a baseline at its own paper's settings
+        sparsity = dataclasses.replace(sparsity, **OWN_SETTINGS[run.method])
     if run.method == MAGNITUDE_AVERAGE:  # the same cubic schedule, scaled to the sparse runs' average weights
         initial, final = equal_average_magnitude(run.density, schedule_for(sparsity, args.max_steps))
         sparsity = dataclasses.replace(sparsity, density=final, initial_density=initial)
@@ -252,6 +258,9 @@ def run_study(model_args, data_args, sparsity_options, study: StudyArguments, tr
         folder = run_dir(training_args.output_dir, run)
         done = load_result(folder, settings, ADDED_SETTINGS)
         skipped = " (finished before, skipped)" if done is not None else ""
+        if done is None and study.tables_only:
+            log(f"[{i}/{len(grid)}] {run.name}: not finished, left out of the tables (--tables_only)")
+            continue
         if done is None:
             log(f"[{i}/{len(grid)}] training {run.name}", flush=True)
             done = train_run(run, run_model_args, config, sparsity, data_args, args, blocks, tokenizer)
@@ -266,6 +275,9 @@ def run_study(model_args, data_args, sparsity_options, study: StudyArguments, tr
         results.append(done)
         if training_args.should_save:
             written = write_study(results, training_args.output_dir, _notes(model_args, training_args, grid, results))
+    if not results:
+        raise ValueError(f"no finished run of this grid in {training_args.output_dir}: nothing to tabulate "
+                         "(drop --tables_only to train them).")
     if not training_args.should_save:
         return results
     try:

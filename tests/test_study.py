@@ -52,10 +52,11 @@ def test_default_grid_has_every_method_density_and_the_extra_seeds():
     grid = plan_grid(args.densities, args.methods, args.seeds, args.seeded_methods, args.seeded_densities,
                      args.block_methods, args.study_block_size)
     names = [run.name for run in grid]
-    assert len(grid) == 37 and len(set(names)) == 37
+    assert len(grid) == 43 and len(set(names)) == 43
     assert names[:4] == ["dense-s0", "small_dense-d0.2-s0", "small_dense_total-d0.2-s0", "momentum-d0.2-s0"]
     assert "momentum-b64-d0.05-s0" in names and "magnitude-d0.05-s0" in names and "rigl-d0.1-s0" in names
     assert "magnitude_average-d0.1-s0" in names  # the equal-size references: one seed at every density
+    assert "rigl_own-d0.05-s0" in names and "set_own-d0.2-s0" in names  # the baselines at their own settings
     second = [run for run in grid if run.seed == 1]
     assert grid[-len(second):] == second  # every first-seed run comes first
     assert {(r.method, r.density) for r in second} == {("dense", 1.0)} | {
@@ -216,6 +217,11 @@ def test_the_references_train_with_their_rules_and_the_committed_results_still_l
     assert (sparsity.method, round(sparsity.initial_density, 4), round(sparsity.density, 4)) == ("magnitude", 0.2825,
                                                                                                  0.0282)
     assert settings["sparsity"]["initial_density"] == sparsity.initial_density and settings["sparse_clip"] == "active"
+    _, sparsity, _ = prepared(StudyRun("rigl_own", 0.1, 0))
+    assert (sparsity.method, sparsity.prune_rate, sparsity.update_end_fraction, sparsity.distribution) == (
+        "rigl", 0.3, 0.75, "erk")
+    _, sparsity, _ = prepared(StudyRun("set_own", 0.1, 0))
+    assert (sparsity.method, sparsity.prune_rate, sparsity.prune_rate_decay) == ("set", 0.3, "constant")
     # every committed result of the study (written before these references existed) loads with today's settings
     committed = sorted((ROOT / "docs" / "results" / "study").glob(f"*/{RESULT_FILE}"))
     assert len(committed) >= 31
@@ -345,6 +351,14 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypa
     finished = {name: (study / name / RESULT_FILE).stat().st_mtime_ns for name in ("dense-s0", "small_dense-d0.5-s0")}
     assert not (study / "momentum-d0.5-s0" / RESULT_FILE).exists()
     assert (study / "momentum-d0.5-s0" / "checkpoint-2").is_dir()
+    (study / "study.md").unlink()
+    tabulated = study_lm.main(flags + ["--tables_only", "true"])  # the finished runs' tables; nothing trains
+    assert [r.name for r in tabulated] == list(finished) and trained == ["dense-s0", "small_dense-d0.5-s0",
+                                                                          "momentum-d0.5-s0"]
+    assert "small-dense" in (study / "study.md").read_text() and "left out of the tables" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no finished run of this grid"):
+        study_lm.main(flags[:flags.index("--output_dir")] + ["--output_dir", str(tmp_path / "empty"), "--tables_only",
+                                                             "true"] + flags[flags.index("--output_dir") + 2:])
 
     monkeypatch.setattr(train_lm, "SparseTrainer", KilledTrainer.__mro__[1])  # no kill this time
     trained.clear()

@@ -121,3 +121,12 @@ def test_the_lever_recipe_trains_each_lever_once_and_resumes(tmp_path, monkeypat
     assert trained == []
     with pytest.raises(SystemExit, match="no study results at"):
         study_levers.main(["--baseline_dir", str(tmp_path / "nowhere")])
+
+
+def test_the_own_settings_levers_are_the_studys_own_settings_references():
+    from sparse_nlp.lm.study import OWN_SETTINGS
+    from sparse_nlp.lm.study_levers import LEVERS_BY_NAME
+
+    for lever, reference in (("rigl-own", "rigl_own"), ("set-own", "set_own")):
+        flags = LEVERS_BY_NAME[lever].flags
+        assert dict(zip(flags[::2], flags[1::2])) == {f"--{k}": str(v) for k, v in OWN_SETTINGS[reference].items()}

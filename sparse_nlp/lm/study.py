@@ -17,7 +17,8 @@ model) and the equal-size references:
 - ``small_dense_total``: one with as many parameters in all as the sparse model's nonzeros, embeddings included
   (both ``sparse_nlp.lm.small_dense``);
 - ``magnitude_average``: gradual magnitude pruning whose linear weights averaged over training equal the sparse
-  runs' (it starts and ends sparser: ``sparse_nlp.lm.magnitude_budget``).
+  runs' (it starts and ends sparser: ``sparse_nlp.lm.magnitude_budget``);
+- ``rigl_own``, ``set_own``: RigL and SET at their own papers' settings instead of the study's (``OWN_SETTINGS``).
 A reference's ``density`` is the density it matches, not its own.
 """
 from __future__ import annotations
@@ -34,7 +35,21 @@ SMALL_DENSE = "small_dense"
 SMALL_DENSE_TOTAL = "small_dense_total"
 MAGNITUDE_AVERAGE = "magnitude_average"
 DENSE_REFERENCES = (DENSE, SMALL_DENSE, SMALL_DENSE_TOTAL)  # runs without sparsity
-SPARSITY_METHOD_OF = {MAGNITUDE_AVERAGE: "magnitude"}  # references trained by a sparsity method under another name
+RIGL_OWN = "rigl_own"
+SET_OWN = "set_own"
+# Baselines at their own papers' settings, where the study's differ (docs/study.md says where each comes from):
+# - RigL (Evci et al. 2020; google-research/rigl): drop fraction 0.3 decayed by cosine, updates end at 75% of
+#   training, ERK; its update interval (100 steps) is the study's already.
+# - SET (Mocanu et al. 2018): a constant zeta = 0.3 at every update, Erdos-Renyi layer densities (ERK is the same rule
+#   for linear layers: density ~ (n_in + n_out) / (n_in * n_out)). Updates every 100 steps as the study's (the
+#   paper's one per epoch would be one update in 1.2 epochs), the last at 15/16 of training (step 1,500 of 1,600): a
+#   constant rate would otherwise update on the last step and regrow 30% of every layer as zeros never trained.
+OWN_SETTINGS = {
+    RIGL_OWN: {"prune_rate": 0.3, "update_end_fraction": 0.75, "distribution": "erk"},
+    SET_OWN: {"prune_rate": 0.3, "prune_rate_decay": "constant", "distribution": "erk", "update_end_fraction": 0.9375},
+}
+# references trained by a sparsity method under another name
+SPARSITY_METHOD_OF = {MAGNITUDE_AVERAGE: "magnitude", RIGL_OWN: "rigl", SET_OWN: "set"}
 RESULT_FILE = "study_result.json"
 
 

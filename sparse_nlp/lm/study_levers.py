@@ -20,7 +20,11 @@ from typing import Optional, Sequence
 
 from sparse_nlp.config import DENSE
 from sparse_nlp.lm.reporting import aligned_table
-from sparse_nlp.lm.study import SMALL_DENSE, StudyResult
+from sparse_nlp.lm.study import OWN_SETTINGS, RIGL_OWN, SET_OWN, SMALL_DENSE, StudyResult
+
+
+def _flags(settings: dict) -> tuple[str, ...]:
+    return tuple(part for key, value in settings.items() for part in (f"--{key}", str(value)))
 
 
 @dataclass(frozen=True)
@@ -44,18 +48,10 @@ LEVERS = (
     # The study's peak 1e-3 was tuned on dense only.
     Lever("lr-x0.5", ("--learning_rate", "5e-4"), "peak learning rate 5e-4 (x0.5), not 1e-3"),
     Lever("lr-x2", ("--learning_rate", "2e-3"), "peak learning rate 2e-3 (x2), not 1e-3"),
-    # The baselines at their own papers' settings (docs/study.md says where each comes from). RigL (Evci et al. 2020;
-    # google-research/rigl): drop fraction 0.3 decayed by cosine, updates end at 75% of training, ERK; its update
-    # interval (100 steps) is the study's already.
-    Lever("rigl-own", ("--prune_rate", "0.3", "--update_end_fraction", "0.75", "--distribution", "erk"),
+    # The baselines at their own papers' settings: the study's rigl_own / set_own references (study.OWN_SETTINGS).
+    Lever("rigl-own", _flags(OWN_SETTINGS[RIGL_OWN]),
           "its paper's settings: drop fraction 0.3, updates end at 75%, ERK (study: 0.5, 100%, uniform)", "rigl"),
-    # SET (Mocanu et al. 2018): a constant zeta = 0.3 at every update, Erdős–Rényi layer densities (ERK is the same
-    # rule for linear layers: density ~ (n_in + n_out) / (n_in * n_out)). Updates every 100 steps to the end as the
-    # study's (the paper's one per epoch would be one update in 1.2 epochs); the last at step 1,500 of 1,600, as the
-    # study's SET (end fraction 0.9375): a constant rate would otherwise update at step 1,600 and regrow 30% of every
-    # layer as zeros that never train before evaluation.
-    Lever("set-own", ("--prune_rate", "0.3", "--prune_rate_decay", "constant", "--distribution", "erk",
-                      "--update_end_fraction", "0.9375"),
+    Lever("set-own", _flags(OWN_SETTINGS[SET_OWN]),
           "its paper's settings: zeta 0.3 constant, ERK (study: 0.5 decayed by cosine, uniform)", "set"),
 )
 LEVERS_BY_NAME = {lever.name: lever for lever in LEVERS}

@@ -21,15 +21,15 @@ from typing import Optional, Sequence
 from sparse_nlp.config import DENSE
 from sparse_nlp.lm.machine_load import is_quiet
 from sparse_nlp.lm.reporting import aligned_table, format_duration
-from sparse_nlp.lm.study import MAGNITUDE_AVERAGE, SMALL_DENSE, SMALL_DENSE_TOTAL, StudyResult
+from sparse_nlp.lm.study import MAGNITUDE_AVERAGE, RIGL_OWN, SET_OWN, SMALL_DENSE, SMALL_DENSE_TOTAL, StudyResult
 
-HISTORIES = ("loss_history", "density_history")  # kept in study.json, not in the flat CSV
+HISTORIES = ("loss_history", "density_history", "validation_history")  # kept in study.json, not in the flat CSV
 # Table labels of the references (other methods: their name); the equal-size references say what they match.
 LABELS = {SMALL_DENSE: "small-dense", SMALL_DENSE_TOTAL: "small-dense (equal total)",
-          MAGNITUDE_AVERAGE: "magnitude (equal average)"}
+          MAGNITUDE_AVERAGE: "magnitude (equal average)", RIGL_OWN: "rigl (own settings)", SET_OWN: "set (own settings)"}
 # What sparse momentum is compared with in the summary, in this order (those in the study).
-VERSUS = ("static", "set", "small-dense", "small-dense (equal total)", "rigl", "magnitude", "magnitude (equal average)",
-          "dense")
+VERSUS = ("static", "set", "set (own settings)", "small-dense", "small-dense (equal total)", "rigl",
+          "rigl (own settings)", "magnitude", "magnitude (equal average)", "dense")
 CSV_COLUMNS = tuple(f.name for f in fields(StudyResult) if f.name not in HISTORIES)
 
 
