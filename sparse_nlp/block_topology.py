@@ -15,7 +15,8 @@ absent blocks; their momentum comes from the dense gradients the layer collected
 - ``collected``: every block, live and absent, from the collected gradients on one scale (mean / sqrt(mean
   square) per weight, Adam-like; the mean with ``adam_momentum="raw"``), so pruned blocks compete with absent ones
   as fine-grained weights do. Measured worse in the study at this budget (docs/study.md): far more blocks move,
-  each new one starting from 0.
+  each new one starting from 0; with ``regrown_state="fresh"`` (new blocks' AdamW scale from the window, see
+  ``BlockSparseLinear.set_block_mask``) it trains as well as static blocks and no better.
 """
 from __future__ import annotations
 
