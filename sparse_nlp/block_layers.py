@@ -372,16 +372,14 @@ class BlockSparseLinear(nn.Module):
         for key, value in list(state.items()):
             if isinstance(value, torch.Tensor) and value.shape == old_shape:
                 state[key] = remap(value)
-        new_rows = (~survives).nonzero().squeeze(1)
-        if regrown_scale is not None and new_rows.numel() and optimizer is not None:
-            rows, cols = self.block_mask.shape
-            b = self.block_size
-            blocks = regrown_scale.detach().float().view(rows, b, cols, b).transpose(1, 2).reshape(rows * cols, b, b)
-            for key, value in scale_slots_from_gradients(optimizer, self.values, blocks[new_positions[new_rows]]).items():
-                state[key][new_rows] = value
         self._resize_values(remap(self.values.detach()))
         self.block_mask.copy_(new_mask)
         self._set_layout(kernels.BlockSparseLayout.from_block_mask(self.block_mask, self.block_size))
+        new_rows = (~survives).nonzero().squeeze(1)
+        if regrown_scale is not None and new_rows.numel() and optimizer is not None:
+            scale = kernels.BlockSparseMatrix.from_dense(regrown_scale.detach().float(), self.layout).values[new_rows]
+            for key, value in scale_slots_from_gradients(optimizer, self.values, scale).items():
+                state[key][new_rows] = value
         return new_positions[~survives]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
