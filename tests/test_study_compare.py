@@ -1,6 +1,8 @@
 """Runs of different studies side by side, one row each, against the first."""
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import replace
 
 import pytest
@@ -28,8 +30,23 @@ def test_each_run_is_a_row_against_the_first_even_where_names_repeat(tmp_path):
     assert "| 6,400 |" in lines[1] and "-10.0%" in lines[1]
     assert "| 512   |" in lines[2] and "+10.0%" in lines[2] and "(busy)" in lines[2]
     assert "a note" in table
-    if len(paths) == 3:  # with matplotlib: the longer run's curve
-        assert paths[2].endswith("study_curves.png")
+    if importlib.util.find_spec("matplotlib"):  # the plots: every run against its time, the longer run's curve
+        assert [os.path.basename(p) for p in paths[2:]] == ["comparison.png", "study_curves.png"]
+        assert all(os.path.getsize(p) > 0 for p in paths[2:])
+    else:
+        assert len(paths) == 2
+
+
+def test_the_time_plot_needs_a_timed_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparse_nlp.lm.time_plot import write_time_plot
+
+    untimed = replace(_row("dense", 1.0, 0, 40.0), train_seconds=None)
+    with pytest.raises(ValueError, match="no run has a training time"):
+        write_time_plot([("study", untimed)], str(tmp_path / "comparison.png"))
+    busy = replace(_row("momentum", 0.1, 0, 50.0), train_seconds=600.0, other_load=0.5)
+    assert write_time_plot([("study", busy), ("study", untimed)], str(tmp_path / "comparison.png")).endswith(".png")
+    assert (tmp_path / "comparison.png").stat().st_size > 0
 
 
 def test_a_folder_without_finished_runs_is_one_line(tmp_path, capsys):

@@ -6,7 +6,8 @@
 The study's own tables (``study_tables``) average the seeds of one method, block size and density, which is right
 inside one grid and wrong across grids (a 6,400-step run is not another seed of a 1,600-step one). Here each run
 is one row (with the folder of the study it came from), compared with the first row (the baseline): its width, steps, nonzero weights, perplexity, speed and time,
-and whether its speed was measured on a quiet machine. Runs evaluated during training also go into
+and whether its speed was measured on a quiet machine. With matplotlib, ``comparison.png`` draws each run's
+perplexity against its training time (``time_plot``), and runs evaluated during training also go into
 ``study_curves.png`` (``curve_plots``).
 """
 from __future__ import annotations
@@ -77,13 +78,17 @@ def write_comparison(runs: Sequence[tuple[str, StudyResult]], output_dir: str, t
         f.write("\n")
     with open(paths[1], "w", encoding="utf-8") as f:
         f.write(format_comparison(runs, title, notes))
-    if any(r.validation_history for _, r in runs):
-        try:
+    try:  # matplotlib is optional
+        if any(r.train_seconds is not None for _, r in runs):
+            from sparse_nlp.lm.time_plot import TIME_PLOT_FILE, write_time_plot
+
+            paths.append(write_time_plot(runs, os.path.join(output_dir, TIME_PLOT_FILE)))
+        if any(r.validation_history for _, r in runs):
             from sparse_nlp.lm.curve_plots import CURVES_FILE, write_validation_curves
 
             paths.append(write_validation_curves([r for _, r in runs], os.path.join(output_dir, CURVES_FILE)))
-        except ImportError as err:  # matplotlib is optional
-            print(err)
+    except ImportError as err:
+        print(err)
     return paths
 
 
@@ -92,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
 
     parser = argparse.ArgumentParser(description="Finished study runs side by side (the first is the baseline).")
     parser.add_argument("runs", nargs="+", help="Run folders (with study_result.json) or study folders.")
-    parser.add_argument("--output_dir", required=True, help="Where comparison.md / .json (and curves) go.")
+    parser.add_argument("--output_dir", required=True, help="Where comparison.md / .json (and the plots) go.")
     parser.add_argument("--title", default="Runs compared", help="The table's title.")
     parser.add_argument("--note", action="append", default=[], help="A line of text above the table (repeatable).")
     args = parser.parse_args(argv)
