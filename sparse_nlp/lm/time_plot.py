@@ -28,14 +28,21 @@ def write_time_plot(runs: Sequence, path: str) -> str:
         raise ValueError("no run has a training time to plot.")
     figure = Figure(figsize=(9, 5.4), layout="constrained")
     axes = figure.subplots()
-    for study, run in timed:
+    studies = list(dict.fromkeys(study for study, _ in timed))  # one colour each, in the order given
+    for index, (study, run) in enumerate(timed):
         minutes, perplexity = run.train_seconds / 60, run.val_perplexity
         busy = is_quiet(run.other_load) is False
-        axes.plot([minutes], [perplexity], marker="o", markersize=7, linestyle="none",
-                  fillstyle="none" if busy else "full", color=f"C{sorted({s for s, _ in timed}).index(study)}")
-        axes.annotate(f"{study}/{run.name}" + (" (busy)" if busy else ""), (minutes, perplexity), fontsize="small",
-                      xytext=(5, 3), textcoords="offset points")
+        colour = f"C{studies.index(study)}"
+        axes.plot([minutes], [perplexity], marker="o", markersize=7, linestyle="none", color=colour,
+                  fillstyle="none" if busy else "full")
+        # Labels alternate above and below their points, so that runs close together stay readable.
+        axes.annotate(run.name + (" (busy)" if busy else ""), (minutes, perplexity), fontsize="small", color=colour,
+                      xytext=(6, 4 if index % 2 == 0 else -11), textcoords="offset points")
+    for index, study in enumerate(studies):
+        axes.plot([], [], marker="o", linestyle="none", color=f"C{index}", label=study)
+    axes.legend(title="study", fontsize="small")
     axes.set_yscale("log")
+    axes.margins(x=0.25, y=0.08)  # room for the labels right of the points
     axes.grid(alpha=0.3, which="both")
     axes.set(title="Final validation perplexity against training time (hollow: timed on a busy machine)",
              xlabel="training minutes on the machine that ran it", ylabel="validation perplexity (log scale)")
