@@ -28,18 +28,18 @@ def write_time_plot(runs: Sequence, path: str) -> str:
         raise ValueError("no run has a training time to plot.")
     figure = Figure(figsize=(9, 5.4), layout="constrained")
     axes = figure.subplots()
-    studies = list(dict.fromkeys(study for study, _ in timed))  # one colour each, in the order given
+    colours = {study: f"C{i}" for i, study in enumerate(dict.fromkeys(s for s, _ in timed))}  # in the order given
     for index, (study, run) in enumerate(timed):
         minutes, perplexity = run.train_seconds / 60, run.val_perplexity
         busy = is_quiet(run.other_load) is False
-        colour = f"C{studies.index(study)}"
+        colour = colours[study]
         axes.plot([minutes], [perplexity], marker="o", markersize=7, linestyle="none", color=colour,
                   fillstyle="none" if busy else "full")
         # Labels alternate above and below their points, so that runs close together stay readable.
         axes.annotate(run.name + (" (busy)" if busy else ""), (minutes, perplexity), fontsize="small", color=colour,
                       xytext=(6, 4 if index % 2 == 0 else -11), textcoords="offset points")
-    for index, study in enumerate(studies):
-        axes.plot([], [], marker="o", linestyle="none", color=f"C{index}", label=study)
+    for study, colour in colours.items():
+        axes.plot([], [], marker="o", linestyle="none", color=colour, label=study)
     axes.legend(title="study", fontsize="small")
     axes.set_yscale("log")
     axes.margins(x=0.25, y=0.08)  # room for the labels right of the points
