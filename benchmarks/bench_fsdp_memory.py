@@ -24,7 +24,7 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sparse_nlp import SparsityConfig, SparsityController, sparse_layers, sparsify
-from sparse_nlp.sharding import local
+from sparse_nlp.parallel.fsdp import local
 
 
 def _bytes(tensors) -> int:

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from sparse_nlp import SparsityConfig, SparsityController, sparse_layers, sparsify
 from sparse_nlp.kernels.huge_pages import huge_page_status
-from sparse_nlp.distributed import (NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp,
+from sparse_nlp.parallel.ddp import (NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp,
                                    is_distributed)
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}

@@ -58,7 +58,7 @@ from sparse_nlp.lm.study import (  # noqa: E402
 )
 from sparse_nlp.lm.study_plots import write_study_plots  # noqa: E402
 from sparse_nlp.lm.study_tables import write_study  # noqa: E402
-from sparse_nlp.schedule import schedule_for  # noqa: E402
+from sparse_nlp.topology.schedule import schedule_for  # noqa: E402
 
 GRID_FIELDS = ("density", "method", "block_size", "initial_density")  # SparsityConfig fields the grid sets per run
 # Sparsity options added after results were first written; those files hold the value every run had then.

@@ -47,7 +47,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sparse_nlp import SparseTrainer, SparsityConfig, unsparsify
 from sparse_nlp.config import DENSE
 from sparse_nlp.precision import has_fast_bf16
-from sparse_nlp.sharding import whole_state_dict
+from sparse_nlp.parallel.fsdp import whole_state_dict
 from sparse_nlp.lm.data import group_token_counts, load_text_dataset, pack_into_blocks, tokenize_texts
 from sparse_nlp.lm.evaluation import concatenate_token_ids, evaluate_perplexity
 from sparse_nlp.lm.machine_load import OtherLoad

@@ -1,6 +1,6 @@
 """sparse_nlp: train sparse transformers for language.
 
-    model = sparse_nlp.sparsify(model, density=0.2)                 # patch linear layers in place
+    model = sparse_nlp.model(model, density=0.2)                 # patch linear layers in place
     controller = sparse_nlp.SparsityController(model, optimizer, total_steps=10_000)
     ... loss.backward(); optimizer.step(); controller.step(); optimizer.zero_grad()
 """
@@ -10,9 +10,9 @@ request_torch_huge_pages()  # before this process's first large CPU tensor, wher
 
 from sparse_nlp.config import SparsityConfig  # noqa: E402  (after the request above)
 from sparse_nlp.controller import LayerReport, SparsityController  # noqa: E402
-from sparse_nlp.layers import SparseLinear  # noqa: E402
+from sparse_nlp.layers.masked import SparseLinear  # noqa: E402
 from sparse_nlp.methods import TopologyMethod, known_methods, register_method  # noqa: E402
-from sparse_nlp.sparsify import sparse_layers, sparsify, unsparsify  # noqa: E402
+from sparse_nlp.model import sparse_layers, sparsify, unsparsify  # noqa: E402
 
 __all__ = [
     "SparsityConfig",
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # Trainer integration, imported on first use: transformers.Trainer takes seconds to import.
-_LAZY = {"SparseTrainer": "sparse_nlp.trainer", "SparsityCallback": "sparse_nlp.callback"}
+_LAZY = {"SparseTrainer": "sparse_nlp.integrations.trainer", "SparsityCallback": "sparse_nlp.integrations.callback"}
 __all__ += list(_LAZY)
 
 

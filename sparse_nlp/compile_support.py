@@ -2,7 +2,7 @@
 
 A topology update changes a layer's number of live blocks: `values` and the layout's index buffers get a new size
 on dim 0. These helpers make that size symbolic in compiled graphs and let the resize happen while compiled guards
-hold weak references to the parameter (sparse_nlp/block_layers.py calls them).
+hold weak references to the parameter (sparse_nlp/layers/block.py calls them).
 """
 from __future__ import annotations
 

@@ -14,15 +14,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sparse_nlp.block_layers import BlockSparseLinear
-from sparse_nlp.block_topology import block_layer_state
+from sparse_nlp.layers.block import BlockSparseLinear
+from sparse_nlp.topology.block_scores import block_layer_state
 from sparse_nlp.config import SparsityConfig
-from sparse_nlp.distributed import all_reduce_dense_grads, broadcast_masks, check_block_values_agree, is_distributed
-from sparse_nlp.fused_qkv import q_k_v_slices
+from sparse_nlp.parallel.ddp import all_reduce_dense_grads, broadcast_masks, check_block_values_agree, is_distributed
+from sparse_nlp.topology.fused_qkv import q_k_v_slices
 from sparse_nlp.methods import LayerState, get_method, update_layer_topology
-from sparse_nlp.optimizer_state import MomentumTracker
-from sparse_nlp.schedule import schedule_for
-from sparse_nlp.sharding import (
+from sparse_nlp.topology.optimizer_state import MomentumTracker
+from sparse_nlp.topology.schedule import schedule_for
+from sparse_nlp.parallel.fsdp import (
     GatheredLayerState,
     check_sharded_training,
     is_sharded,
@@ -30,7 +30,7 @@ from sparse_nlp.sharding import (
     local_part,
     positions_mask,
 )
-from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers
+from sparse_nlp.model import CONFIG_ATTRIBUTE, sparse_layers
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class SparsityController:
     ):
         self.layers = sparse_layers(model)
         if not self.layers:
-            raise ValueError("the model has no sparse layers; call sparse_nlp.sparsify(model, ...) first.")
+            raise ValueError("the model has no sparse layers; call sparse_nlp.model(model, ...) first.")
         config = config if config is not None else getattr(model, CONFIG_ATTRIBUTE, None)
         if config is None:
             raise ValueError("no sparsity config: pass config=SparsityConfig(...) or sparsify the model with sparse_nlp.")
@@ -77,7 +77,7 @@ class SparsityController:
         self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
         self.unit_slices = self._unit_slices(model)  # per layer: [None] (the whole layer), or its q/k/v slices
         check_sharded_training(model, bool(self.block_layers))  # FSDP1, or block layers under FSDP: one line
-        self.apply_masks()  # under FSDP2: shards each mask like its weight (sparse_nlp.sharding)
+        self.apply_masks()  # under FSDP2: shards each mask like its weight (sparse_nlp.parallel.fsdp)
         # Fine-grained layers: momentum from the optimizer, or a gradient average kept here (block layers: see
         # block_topology). Indexed by position in self.layers.
         self.momentum = MomentumTracker(

@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sparse_nlp.sparsify import sparse_layers, unsparsify
+from sparse_nlp.layers.base import stores_in_out, weight_out_in
+from sparse_nlp.model import sparse_layers, unsparsify
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,15 @@ MLP_LAYOUTS = {
 }
 
 
-def _as_out_in(layer: nn.Module) -> torch.Tensor:
-    """The weight as [out, in] (Conv1D stores [in, out])."""
-    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
-
-
 def _resize_units(layer: nn.Module, keep: torch.Tensor, is_input: bool) -> None:
     """Keep only the given hidden units: rows of an input projection, columns of the output projection."""
-    weight = _as_out_in(layer).detach()
+    weight = weight_out_in(layer).detach()
     weight = weight[keep] if is_input else weight[:, keep]
-    stored = weight if isinstance(layer, nn.Linear) else weight.t()
+    stored = weight.t() if stores_in_out(layer) else weight
     layer.weight = nn.Parameter(stored.contiguous())
     if is_input and layer.bias is not None:
         layer.bias = nn.Parameter(layer.bias.detach()[keep].clone())
-    if isinstance(layer, nn.Linear):
+    if not stores_in_out(layer):
         layer.out_features, layer.in_features = weight.shape
     else:  # Conv1D
         layer.nf = weight.shape[0]
@@ -87,15 +83,15 @@ def compact_export(model: nn.Module) -> nn.Module:
     for block in blocks:
         inputs = [getattr(block, name) for name in layout.inputs]
         output = getattr(block, layout.output)
-        width = _as_out_in(inputs[0]).shape[1]
+        width = weight_out_in(inputs[0]).shape[1]
         constant = layout.hidden_of_zero(block, width)  # a unit whose input rows are all empty is this value
-        read = _as_out_in(output).ne(0).any(dim=0)
-        fed = torch.stack([_as_out_in(layer).ne(0).any(dim=1) for layer in inputs]).any(dim=0)
+        read = weight_out_in(output).ne(0).any(dim=0)
+        fed = torch.stack([weight_out_in(layer).ne(0).any(dim=1) for layer in inputs]).any(dim=0)
         foldable = output.bias is not None or constant.eq(0)
         dead = ~read | (~fed & foldable)
         fold = ~fed & read & foldable  # constant units: move their contribution into the output bias
         if fold.any():
-            contribution = _as_out_in(output)[:, fold] @ constant[fold]
+            contribution = weight_out_in(output)[:, fold] @ constant[fold]
             if output.bias is not None:
                 output.bias += contribution
         live_units.append(~dead)
@@ -107,13 +103,13 @@ def compact_export(model: nn.Module) -> nn.Module:
         for name in layout.inputs:
             layer = getattr(block, name)
             if padding.numel():
-                _as_out_in(layer)[padding] = 0
+                weight_out_in(layer)[padding] = 0
                 if layer.bias is not None:
                     layer.bias[padding] = 0
             _resize_units(layer, order, is_input=True)
         output = getattr(block, layout.output)
         if padding.numel():
-            _as_out_in(output)[:, padding] = 0
+            weight_out_in(output)[:, padding] = 0
         _resize_units(output, order, is_input=False)
     setattr(plain.config, layout.config_field, size)
     return plain

@@ -17,17 +17,17 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from sparse_nlp.block_layers import BlockSparseLinear, pool_blocks
-from sparse_nlp.sparsify import _check_divisible, _out_in_shape, sparse_layers
-from sparse_nlp.targeting import FilterFn, find_target_layers
+from sparse_nlp.layers.block import BlockSparseLinear, pool_blocks
+from sparse_nlp.layers.base import out_in_shape, weight_out_in
+from sparse_nlp.model import _check_divisible, sparse_layers
+from sparse_nlp.model import FilterFn, find_target_layers
 
 SERVING_MAX_DENSITY = 0.5  # above this share of live blocks a layer stays dense (kernels' break-even is ~0.6-0.75)
 
 
 def nonzero_block_mask(layer: nn.Module, block_size: int) -> torch.Tensor:
     """[out/b, in/b] bool: which b x b blocks of the layer's [out, in] weight hold any nonzero."""
-    weight = layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()  # Conv1D stores [in, out]
-    return pool_blocks(weight, block_size) > 0
+    return pool_blocks(weight_out_in(layer), block_size) > 0
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def block_sparse_for_serving(
         setattr(model.get_submodule(parent_name), child_name, sparse)
         replaced += 1
     if replaced == 0:
-        shapes = sorted({_out_in_shape(layer) for _, layer in targets})
+        shapes = sorted({out_in_shape(layer) for _, layer in targets})
         raise ValueError(
             f"no linear layer has at most {max_density:.0%} of its {block_size}x{block_size} blocks nonzero "
             f"(shapes {shapes}); was the model trained with block_size={block_size}? Pass that block size, or raise "

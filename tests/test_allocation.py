@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from sparse_nlp.allocation import apportion, plan_nonzeros
+from sparse_nlp.topology.allocation import apportion, plan_nonzeros
 
 
 def test_proportional_with_largest_remainder():

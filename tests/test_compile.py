@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from transformers import TrainerCallback
 
 from sparse_nlp import SparsityController, SparseTrainer, SparsityConfig, sparse_layers, sparsify
-from sparse_nlp.block_layers import BlockSparseLinear
+from sparse_nlp.layers.block import BlockSparseLinear
 from tiny_models import build, example_batch
 from test_recipe import _tiny_flags, text_files, train_lm  # noqa: F401 (text_files: a fixture)
 from trainer_helpers import RandomTokens, masks, tiny_args, tiny_gpt2

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparse_nlp.block_layers import BlockSparseLinear
-from sparse_nlp.distributed import all_reduce_block_grads, ignore_block_values_in_ddp
+from sparse_nlp.layers.block import BlockSparseLinear
+from sparse_nlp.parallel.ddp import all_reduce_block_grads, ignore_block_values_in_ddp
 from torchrun_helpers import run_two_ranks
 
 STEPS, ACCUMULATION, GLOBAL_BATCH = 3, 2, 8

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from sparse_nlp import SparseTrainer, SparsityConfig, SparsityController, sparse_layers, sparsify
-from sparse_nlp.clipping import clip_active_grad_norm_
-from sparse_nlp.sharding import is_sharded, local, whole
+from sparse_nlp.parallel.clipping import clip_active_grad_norm_
+from sparse_nlp.parallel.fsdp import is_sharded, local, whole
 from test_distributed_trainer import _learned
 from torchrun_helpers import run_two_ranks
 from trainer_helpers import RandomTokens, tiny_args, tiny_gpt2

@@ -11,7 +11,7 @@ import torch
 from transformers import FalconConfig, FalconForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM
 
 from sparse_nlp import SparsityConfig, SparsityController, sparse_layers, sparsify
-from sparse_nlp.fused_qkv import output_roles
+from sparse_nlp.topology.fused_qkv import output_roles
 from tiny_models import build
 from trainer_helpers import tiny_gpt2
 
@@ -81,7 +81,7 @@ def _per_slice_counts(model) -> list[list[int]]:
     for name, layer in sparse_layers(model):
         roles = output_roles(model, name)
         if roles is not None:
-            mask = layer.mask if not layer.weight_is_in_out else layer.mask.t()  # [out, in]
+            mask = layer.mask if not layer.stores_in_out else layer.mask.t()  # [out, in]
             counts.append([int(mask[roles == role].sum()) for role in range(3)])
     return counts
 

@@ -28,7 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import sparse_nlp
 import sparse_nlp.kernels
-from sparse_nlp.block_layers import BlockSparseLinear
+from sparse_nlp.layers.block import BlockSparseLinear
 
 repo = Path(sys.argv[1]).resolve()
 assert sys.path[0] in ("", str(repo)), f"the checkout's root is not first on sys.path: {sys.path[:3]}"
@@ -39,7 +39,7 @@ assert Path(sparse_nlp.kernels.ops.__file__).name == "ops.py"
 
 torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
-sparse_nlp.sparsify(model, density=0.5, block_size=16)
+sparse_nlp.model(model, density=0.5, block_size=16)
 assert any(isinstance(module, BlockSparseLinear) for module in model.modules())
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 controller = sparse_nlp.SparsityController(model, optimizer, total_steps=2)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sparse_nlp import SparsityConfig, SparsityController, sparse_layers, sparsify
-from sparse_nlp.allocation import plan_nonzeros
+from sparse_nlp.topology.allocation import plan_nonzeros
 from sparse_nlp.lm.magnitude_budget import average_density, equal_average_magnitude
 from sparse_nlp.lm.study import average_linear_nonzeros
-from sparse_nlp.schedule import TopologySchedule, schedule_for
+from sparse_nlp.topology.schedule import TopologySchedule, schedule_for
 from tiny_models import build
 from trainer_helpers import tiny_gpt2
 

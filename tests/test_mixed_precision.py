@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sparse_nlp import SparseTrainer, SparsityConfig, sparse_layers
-from sparse_nlp.block_layers import BlockSparseLinear
+from sparse_nlp.layers.block import BlockSparseLinear
 from trainer_helpers import RandomTokens, tiny_args, tiny_gpt2
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparse_nlp import SparsityController, sparse_layers, sparsify
-from sparse_nlp.optimizer_state import SCALE_SLOTS
+from sparse_nlp.topology.optimizer_state import SCALE_SLOTS
 
 BETA1, BETA2 = 0.9, 0.999
 T = 1000  # steps before the update (the study's updates come every 100 of 1,600)

@@ -7,7 +7,7 @@ import torch
 
 from sparse_nlp import SparsityController, sparsify
 from sparse_nlp.methods import get_method
-from sparse_nlp.schedule import TopologySchedule
+from sparse_nlp.topology.schedule import TopologySchedule
 from tiny_models import build
 
 

@@ -6,7 +6,7 @@ from tiny_models import TINY_MODELS
 from transformers import AutoModelForCausalLM
 
 from sparse_nlp import sparse_layers, sparsify, unsparsify
-from sparse_nlp.block_layers import BlockSparseLinear
+from sparse_nlp.layers.block import BlockSparseLinear
 from sparse_nlp.serving import block_sparse_for_serving, nonzero_block_mask
 
 

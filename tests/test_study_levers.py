@@ -15,7 +15,7 @@ from sparse_nlp import SparsityConfig
 from sparse_nlp.lm.study_levers import LEVERS_BY_NAME, format_levers, get_levers, lever_row
 from sparse_nlp.lm.study_tables import aggregate
 from sparse_nlp.methods import get_method
-from sparse_nlp.schedule import TopologySchedule
+from sparse_nlp.topology.schedule import TopologySchedule
 from test_study import ROOT, _flags, _row, count_trained_runs, study_lm
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainerControl, TrainerState
 
 from sparse_nlp import SparseTrainer, SparsityCallback, SparsityConfig, sparse_layers, sparsify, unsparsify
-from sparse_nlp.callback import CONTROLLER_FILE
+from sparse_nlp.integrations.callback import CONTROLLER_FILE
 from trainer_helpers import RandomTokens, masks, tiny_args, tiny_gpt2
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from sparse_nlp.distributed import is_distributed
+from sparse_nlp.parallel.ddp import is_distributed
 
 PERPLEXITY_METRIC = Path(__file__).resolve().parent / "metrics" / "perplexity"  # local: evaluate.load needs no hub
 IGNORE_INDEX = -100  # label of positions that are not scored (the convention of torch and transformers)

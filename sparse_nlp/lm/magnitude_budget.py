@@ -25,7 +25,7 @@ Per-layer rounding moves it by a few weights per layer.
 """
 from __future__ import annotations
 
-from sparse_nlp.schedule import TopologySchedule
+from sparse_nlp.topology.schedule import TopologySchedule
 
 
 def cubic_fraction(progress: float) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from sparse_nlp.console import short_layer_names
+from sparse_nlp.integrations.console import short_layer_names
 from sparse_nlp.lm.reporting import RunResult
 
 INSTALL_HINT = 'pip install -e ".[plot]"'  # or: pip install matplotlib

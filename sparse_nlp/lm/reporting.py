@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from sparse_nlp.console import short_layer_names
-from sparse_nlp.sparsify import sparse_layers
+from sparse_nlp.integrations.console import short_layer_names
+from sparse_nlp.model import sparse_layers
 
 
 @dataclass
@@ -141,7 +141,7 @@ def describe_compute_path(model: nn.Module) -> str:
     Block-sparse layers name the kernel backend each one dispatches to at its current density and device
     (triton on GPU; on CPU the blocked torch path, or masked dense above the measured break-even density).
     """
-    from sparse_nlp.block_layers import BlockSparseLinear
+    from sparse_nlp.layers.block import BlockSparseLinear
     from sparse_nlp.kernels import resolve_backend
 
     layers = [layer for _, layer in sparse_layers(model)]

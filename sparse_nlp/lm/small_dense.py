@@ -28,7 +28,7 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from sparse_nlp.targeting import find_target_layers
+from sparse_nlp.model import find_target_layers
 
 SCALED_WITH_WIDTH = ("n_inner", "intermediate_size")  # MLP width fields scaled in proportion, where set
 MATCHES = ("linear", "total")  # what the small-dense model's parameters equal: linear nonzeros, or all nonzeros

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, resolve_backend
-from sparse_nlp.targeting import find_target_layers
+from sparse_nlp.layers.base import out_in_shape
+from sparse_nlp.model import find_target_layers
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,6 @@ class KernelSpeed:
         return (f"Block-sparse kernels on this model's linear layers (block {self.block_size}, density {self.density:g}, "
                 f"{self.tokens:,} tokens, {str(self.dtype).removeprefix('torch.')}, {path}forward + backward, measured now): "
                 f"{self.speedup:.2f}x dense. Train with them: --block_size {self.block_size}.")
-
-
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return tuple(module.weight.shape)  # transformers' Conv1D stores [in, out]
 
 
 GPU_MIN_TOKENS = 8192  # rows below which a GPU times host work and launches rather than the kernels
@@ -85,7 +80,7 @@ def measure_kernel_speedup(
     dtype: torch.dtype = torch.float32,
 ) -> Optional[KernelSpeed]:
     """Block-sparse vs dense fwd+bwd time over `model`'s target linear layers; None if no layer fits the block."""
-    shapes = Counter(_in_out(m) for _, m in find_target_layers(model))
+    shapes = Counter(out_in_shape(m)[::-1] for _, m in find_target_layers(model))
     shapes = Counter({s: n for s, n in shapes.items() if s[0] % block_size == 0 and s[1] % block_size == 0})
     if not shapes:
         return None

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from sparse_nlp.allocation import apportion
+from sparse_nlp.topology.allocation import apportion
 from sparse_nlp.methods.base import LayerPlan, LayerState, TopologyMethod, prune_count
 
 

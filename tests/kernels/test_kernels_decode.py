@@ -54,7 +54,7 @@ def test_without_reuse_nothing_is_kept(rows):
 def test_a_fused_optimizer_step_is_seen_by_the_next_inference_call():
     """Fused AdamW changes parameters without moving their version counter: a trainable layer's inference forward
     must not reuse a pack from before the step (this went stale once: a resumed Trainer run lost its losses)."""
-    from sparse_nlp.block_layers import BlockSparseLinear
+    from sparse_nlp.layers.block import BlockSparseLinear
 
     torch.manual_seed(0)
     layer = BlockSparseLinear.from_dense(torch.nn.Linear(128, 128), torch.rand(4, 4) < 0.5, 32)
@@ -74,7 +74,7 @@ def test_a_fused_optimizer_step_is_seen_by_the_next_inference_call():
 
 @needs_native
 def test_frozen_layers_keep_their_pack():
-    from sparse_nlp.block_layers import BlockSparseLinear
+    from sparse_nlp.layers.block import BlockSparseLinear
 
     layer = BlockSparseLinear.from_dense(torch.nn.Linear(128, 128), torch.eye(4, dtype=torch.bool), 32)
     x = torch.randn(1, 128)
@@ -91,7 +91,7 @@ def test_frozen_layers_keep_their_pack():
 @needs_native
 def test_packed_weights_do_not_block_a_topology_update():
     """The cache holds no reference to the parameter: swap_tensors (how a topology update resizes values) works."""
-    from sparse_nlp.block_layers import BlockSparseLinear
+    from sparse_nlp.layers.block import BlockSparseLinear
 
     layer = BlockSparseLinear.from_dense(torch.nn.Linear(64, 64), torch.eye(4, dtype=torch.bool), 16)
     layer.values.requires_grad_(False)
@@ -109,7 +109,7 @@ def test_packed_weights_do_not_block_a_topology_update():
 @pytest.mark.parametrize("rows", [1, 5, 200])
 def test_layer_inference_path_equals_the_training_path(rows):
     """Under no_grad a native layer calls the C product directly (no operator, no autograd): same outputs."""
-    from sparse_nlp.block_layers import BlockSparseLinear
+    from sparse_nlp.layers.block import BlockSparseLinear
 
     torch.manual_seed(0)
     layer = BlockSparseLinear.from_dense(torch.nn.Linear(256, 512), torch.rand(8, 4) < 0.4, 64)

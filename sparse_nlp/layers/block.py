@@ -22,8 +22,9 @@ from torch import nn
 
 from sparse_nlp import kernels
 from sparse_nlp.kernels import autograd as kernel_autograd, cpu_native, custom_ops, ops as kernel_ops
+from sparse_nlp.layers.base import stores_in_out
 from sparse_nlp.compile_support import let_dynamo_resize_parameters, mark_block_dim_dynamic, swap_tensors
-from sparse_nlp.optimizer_state import scale_slots_from_gradients
+from sparse_nlp.topology.optimizer_state import scale_slots_from_gradients
 from sparse_nlp.precision import has_fast_bf16
 
 # The layout's index tensors, held as non-persistent buffers "layout_<name>" (checkpoints keep only block_mask).
@@ -55,13 +56,13 @@ class BlockSparseLinear(nn.Module):
         block_mask: torch.Tensor,
         bias: Optional[torch.Tensor],
         block_size: int,
-        source_is_conv1d: bool = False,
+        stores_in_out: bool = False,
     ):
         super().__init__()
         self.block_size = block_size
         self.out_features = block_mask.shape[0] * block_size
         self.in_features = block_mask.shape[1] * block_size
-        self.source_is_conv1d = source_is_conv1d  # unsparsify gives back the layer type it came from
+        self.stores_in_out = stores_in_out  # the layer it replaced stored [in, out] (Conv1D): unsparsify gives one back
         self.values = nn.Parameter(values)
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.register_buffer("block_mask", block_mask.to(device=values.device, dtype=torch.bool))
@@ -84,12 +85,12 @@ class BlockSparseLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_dense(cls, layer: nn.Module, block_mask: torch.Tensor, block_size: int) -> "BlockSparseLinear":
-        source_is_conv1d = not isinstance(layer, nn.Linear)
-        weight = layer.weight.t() if source_is_conv1d else layer.weight  # always [out, in] here
+        in_out = stores_in_out(layer)
+        weight = layer.weight.t() if in_out else layer.weight  # always [out, in] here
         layout = kernels.BlockSparseLayout.from_block_mask(block_mask.to(weight.device), block_size)
         values = kernels.BlockSparseMatrix.from_dense(weight.contiguous(), layout).values.detach().clone()
         bias = layer.bias.detach().clone() if layer.bias is not None else None
-        return cls(values, block_mask, bias, block_size, source_is_conv1d)
+        return cls(values, block_mask, bias, block_size, in_out)
 
     def dense_weight(self) -> torch.Tensor:
         """The full [out, in] weight, zeros outside the live blocks."""
@@ -99,7 +100,7 @@ class BlockSparseLinear(nn.Module):
     def to_base_layer(self) -> nn.Module:
         """A plain ``nn.Linear`` (or ``Conv1D``, if that is what was sparsified) with the same outputs."""
         weight = self.dense_weight()
-        if self.source_is_conv1d:
+        if self.stores_in_out:
             from transformers.pytorch_utils import Conv1D
 
             layer = Conv1D(self.out_features, self.in_features)

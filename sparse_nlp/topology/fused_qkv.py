@@ -127,5 +127,5 @@ def q_k_v_slices(model: nn.Module, layer_name: str, layer: nn.Module) -> Optiona
     rows = q_k_v_rows(model, layer_name, layer.out_features)
     if rows is None:
         return None
-    out_dim = 1 if layer.weight_is_in_out else 0
+    out_dim = 1 if layer.stores_in_out else 0
     return [RowSlice(r, out_dim, role) for r, role in zip(rows, ROLES)]

@@ -7,18 +7,18 @@
 Everything sparse happens in :class:`SparsityCallback` (which works in a plain Trainer too); this class adds:
 - the settings: ``sparsity_config=`` or the config ``sparsify`` stored on the model (``model.sparsity_config``);
 - sparsity metrics in the training logs *before* they reach ``report_to`` (TensorBoard, W&B, ...), with the
-  per-layer densities kept off the console (see ``sparse_nlp.console``: one line per topology update instead);
+  per-layer densities kept off the console (see ``sparse_nlp.integrations.console``: one line per topology update instead);
 - a check, before anything is loaded, that ``resume_from_checkpoint`` is a checkpoint of this model and these
   sparsity settings (a one-line ``ValueError`` instead of a state-dict size-mismatch wall);
 - under DDP, no per-forward buffer broadcast (unless ``ddp_broadcast_buffers`` is set): the masks are buffers, and
   the controller already makes every rank hold rank 0's masks after each topology update
-  (see ``sparse_nlp.distributed``), so re-sending them at every forward would only cost bandwidth. It is passed to
+  (see ``sparse_nlp.parallel.ddp``), so re-sending them at every forward would only cost bandwidth. It is passed to
   DDP under the name the installed torch knows (``forward_sync_buffers`` from torch 2.13, whose
   ``broadcast_buffers`` warns on every rank), not through ``args``, which stay as given;
 - block-sparse layers under DDP: DDP skips their resizable ``values`` and this trainer averages their gradients
   after each synchronising backward (``training_step``), before clipping and the optimizer step;
 - FSDP2 (``fsdp=True, fsdp_config={"version": 2}``, or accelerate's FSDP config) for fine-grained layers: masks
-  are sharded beside their weights (``sparse_nlp.sharding``); FSDP1, DeepSpeed and block-sparse layers under FSDP
+  are sharded beside their weights (``sparse_nlp.parallel.fsdp``); FSDP1, DeepSpeed and block-sparse layers under FSDP
   are refused at start with one line saying what to use instead.
 """
 from __future__ import annotations
@@ -34,15 +34,15 @@ from safetensors import safe_open
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from sparse_nlp.block_layers import BlockSparseLinear
-from sparse_nlp.callback import CONTROLLER_FILE, SparsityCallback
-from sparse_nlp.clipping import clip_active_grad_norm_, supports_active_clipping
+from sparse_nlp.layers.block import BlockSparseLinear
+from sparse_nlp.integrations.callback import CONTROLLER_FILE, SparsityCallback
+from sparse_nlp.parallel.clipping import clip_active_grad_norm_, supports_active_clipping
 from sparse_nlp.config import DENSE, SparsityConfig
-from sparse_nlp.console import hide_layer_densities
+from sparse_nlp.integrations.console import hide_layer_densities
 from sparse_nlp.controller import SparsityController
-from sparse_nlp.distributed import NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp
-from sparse_nlp.sharding import BLOCK_LAYERS_REFUSAL, DEEPSPEED_REFUSAL, FSDP1_REFUSAL
-from sparse_nlp.sparsify import CONFIG_ATTRIBUTE, sparse_layers, sparsify
+from sparse_nlp.parallel.ddp import NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp
+from sparse_nlp.parallel.fsdp import BLOCK_LAYERS_REFUSAL, DEEPSPEED_REFUSAL, FSDP1_REFUSAL
+from sparse_nlp.model import CONFIG_ATTRIBUTE, sparse_layers, sparsify
 
 MATCHED_SETTINGS = ("density", "method", "distribution", "block_size")  # a resumed or pre-sparsified run must agree on these
 
@@ -114,7 +114,7 @@ class SparseTrainer(Trainer):
         return loss
 
     def _clip_grad_norm(self, model):
-        # Sparse runs clip by the norm of what the optimizer applies, without absent weights (sparse_nlp.clipping).
+        # Sparse runs clip by the norm of what the optimizer applies, without absent weights (sparse_nlp.parallel.clipping).
         if self.sparsity_callback is None or not supports_active_clipping(self.accelerator):
             return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()  # fp16 loss scaling: true gradients first (a no-op otherwise)
@@ -147,7 +147,7 @@ def _resolve_config(model, given: Optional[SparsityConfig]) -> SparsityConfig:
         if stored is None and not sparse_layers(model):
             raise ValueError(
                 "no sparsity settings: pass sparsity_config=SparsityConfig(...) (method='dense' for a dense run) "
-                "or a model made by sparse_nlp.sparsify()."
+                "or a model made by sparse_nlp.model()."
             )
         return stored
     if sparse_layers(model):

@@ -1,18 +1,87 @@
-"""`sparsify` patches a model's linear layers in place; `unsparsify` takes the patch back out."""
+"""The patcher: which layers of a model become sparse (targeting) and the swap itself.
+
+`sparsify` patches a model's linear layers in place; `unsparsify` takes the patch back out. Targets are every linear
+layer, a list of names, a regex, or a ``filter_fn``. Linear layers come in two layouts: ``nn.Linear`` stores its
+weight [out, in]; transformers' ``Conv1D`` (GPT-2) stores it [in, out] (``sparse_nlp.layers.base`` says which is
+which). The output embedding (the LM head, often tied to the input embedding) is never matched by ``all-linear``:
+sparsifying it would also sparsify the tied token embeddings.
+"""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import re
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from sparse_nlp.allocation import plan_nonzeros
-from sparse_nlp.block_layers import BlockSparseLinear, block_grid, pool_blocks
+from sparse_nlp.topology.allocation import plan_nonzeros
+from sparse_nlp.layers.block import BlockSparseLinear, block_grid, pool_blocks
 from sparse_nlp.config import DENSE, SparsityConfig
-from sparse_nlp.layers import SparseLinear
+from sparse_nlp.layers.base import is_linear, out_in_shape, weight_out_in
+from sparse_nlp.layers.masked import SparseLinear
 from sparse_nlp.methods import get_method
-from sparse_nlp.targeting import FilterFn, find_target_layers
+
+ALL_LINEAR = "all-linear"
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    """Names of the output embedding and of any linear layer whose weight is an embedding's weight (tied)."""
+    excluded = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in model.named_modules():
+        if module is output and output is not None:
+            excluded.add(name)
+        elif is_linear(module) and id(module.weight) in embedding_weights:
+            excluded.add(name)
+    return excluded
+
+
+def _name_matches(name: str, target_modules: Union[str, Sequence[str], None], target_regex: Optional[str]) -> bool:
+    if target_regex is not None:
+        return re.fullmatch(target_regex, name) is not None
+    if target_modules is None or target_modules == ALL_LINEAR or list(target_modules) == [ALL_LINEAR]:
+        return True
+    if isinstance(target_modules, str):  # a single string other than all-linear is a regex, as in PEFT
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_target_layers(
+    model: nn.Module,
+    target_modules: Union[str, Sequence[str], None] = None,
+    target_regex: Optional[str] = None,
+    filter_fn: Optional[FilterFn] = None,
+) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs to sparsify, in model order. Raises a one-line ValueError when nothing matches."""
+    uses_all_linear = target_regex is None and (
+        target_modules is None or target_modules == ALL_LINEAR or list(target_modules) == [ALL_LINEAR]
+    )
+    excluded = _output_embedding_names(model) if uses_all_linear else set()
+    linear_names = [name for name, m in model.named_modules() if is_linear(m)]
+    matched = []
+    for name, module in model.named_modules():
+        if not is_linear(module) or name in excluded:
+            continue
+        if not _name_matches(name, target_modules, target_regex):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        matched.append((name, module))
+    if not matched:
+        candidates = ", ".join(linear_names[:12]) + (", ..." if len(linear_names) > 12 else "")
+        wanted = target_regex or target_modules or ALL_LINEAR
+        raise ValueError(
+            f"no linear layer matched target {wanted!r}"
+            + (" and filter_fn" if filter_fn is not None else "")
+            + f"; linear layers in this model: {candidates or 'none'}."
+        )
+    return matched
+
 
 CONFIG_ATTRIBUTE = "sparsity_config"  # where sparsify leaves its config on the model, for trainers to find
 
@@ -22,15 +91,9 @@ def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (SparseLinear, BlockSparseLinear))]
 
 
-def _out_in_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of nn.Linear ([out, in]) or Conv1D ([in, out])."""
-    rows, cols = module.weight.shape
-    return (rows, cols) if isinstance(module, nn.Linear) else (cols, rows)
-
-
 def _check_divisible(targets: list[tuple[str, nn.Module]], block_size: int) -> None:
     for name, module in targets:
-        shape = _out_in_shape(module)
+        shape = out_in_shape(module)
         if shape[0] % block_size or shape[1] % block_size:
             raise ValueError(
                 f"{name} has weight shape {list(shape)}, not divisible by block_size {block_size}; choose a block size "
@@ -64,8 +127,7 @@ def _unit_magnitude(module: nn.Module, block_size: int) -> torch.Tensor:
     """|w| per unit the topology moves: weights in stored layout, or blocks over the [out, in] grid."""
     if block_size == 1:
         return module.weight.detach().abs()
-    weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
-    return pool_blocks(weight, block_size)
+    return pool_blocks(weight_out_in(module), block_size)
 
 
 @torch.no_grad()
@@ -96,7 +158,7 @@ def sparsify(
     block = config.block_size
     if block > 1:
         _check_divisible(targets, block)
-    unit_shapes = [tuple(m.weight.shape) if block == 1 else block_grid(_out_in_shape(m), block) for _, m in targets]
+    unit_shapes = [tuple(m.weight.shape) if block == 1 else block_grid(out_in_shape(m), block) for _, m in targets]
     planned = plan_nonzeros(unit_shapes, config.density, config.distribution)  # weights, or blocks
     # where each layer starts: at its planned count, or (gradual pruning) dense or at initial_density
     starts = planned if not method.starts_dense else plan_nonzeros(unit_shapes, config.initial_density,

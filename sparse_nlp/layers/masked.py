@@ -4,17 +4,46 @@ The original layer stays inside as ``base_layer`` (so unpatching is just taking 
 boolean buffer of the weight's own shape and layout; topology updates change its contents in place, never the
 tensor itself, so references to it (optimizers, DDP buffers, hooks) stay valid. The one exception: under FSDP2 the
 first ``apply_mask`` after ``fully_shard`` replaces the whole mask by a DTensor sharded like the weight
-(``sparse_nlp.sharding``), once, as ``fully_shard`` itself replaced the weight.
+(``sparse_nlp.parallel.fsdp``), once, as ``fully_shard`` itself replaced the weight.
+
+The product: The forward uses ``weight * mask``; the backward hands the *dense* gradient to the weight (a straight-through
+mask). Sparse momentum needs that: the momentum of an absent weight is the optimizer's running average of
+gradients at that position, so gradients must reach masked positions. The controller zeroes masked weights
+after every optimizer step, so the optimizer's updates there never leak into the forward.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_nlp.ops import masked_linear
-from sparse_nlp.sharding import is_sharded, local, local_part, shard_like, whole
-from sparse_nlp.targeting import LINEAR_TYPES
+from sparse_nlp.parallel.fsdp import is_sharded, local, local_part, shard_like, whole
+from sparse_nlp.layers.base import LINEAR_TYPES, stores_in_out
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, weight, 0)  # not weight * mask: NaN * 0 would leak NaN from absent weights
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight`` with absent positions 0, whose gradient w.r.t. ``weight`` is dense."""
+    return _StraightThroughMask.apply(weight, mask)
+
+
+def masked_linear(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor], stores_in_out: bool
+) -> torch.Tensor:
+    """``x @ (weight*mask)^T + bias`` for nn.Linear's [out, in] weight, or ``x @ (weight*mask) + bias`` for Conv1D."""
+    w = masked_weight(weight, mask)
+    return F.linear(x, w.t() if stores_in_out else w, bias)
 
 
 class SparseLinear(nn.Module):
@@ -25,7 +54,7 @@ class SparseLinear(nn.Module):
         if mask.shape != base_layer.weight.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(base_layer.weight.shape)}.")
         self.base_layer = base_layer
-        self.weight_is_in_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores [in, out]
+        self.stores_in_out = stores_in_out(base_layer)  # Conv1D: [in, out]
         self.register_buffer("mask", mask.to(device=base_layer.weight.device, dtype=torch.bool))
         self.apply_mask()
 
@@ -39,11 +68,11 @@ class SparseLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[0] if self.weight_is_in_out else self.weight.shape[1]
+        return self.weight.shape[0] if self.stores_in_out else self.weight.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[1] if self.weight_is_in_out else self.weight.shape[0]
+        return self.weight.shape[1] if self.stores_in_out else self.weight.shape[0]
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -103,8 +132,8 @@ class SparseLinear(nn.Module):
             # FSDP2 gathered the weight, which apply_mask keeps exactly 0 at absent positions on every shard: the
             # product is already sparse, and its weight gradient dense (as the straight-through mask makes it).
             weight = self.weight
-            return F.linear(x, weight.t() if self.weight_is_in_out else weight, self.bias)
-        return masked_linear(x, self.weight, self.mask, self.bias, self.weight_is_in_out)
+            return F.linear(x, weight.t() if self.stores_in_out else weight, self.bias)
+        return masked_linear(x, self.weight, self.mask, self.bias, self.stores_in_out)
 
     @torch.no_grad()
     def to_base_layer(self) -> nn.Module:

@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from sparse_nlp.sharding import is_sharded, local, local_part, positions_mask, shard_like, whole
+from sparse_nlp.parallel.fsdp import is_sharded, local, local_part, positions_mask, shard_like, whole
 
 ADAM_EPS = 1e-8
 # Optimizer slots that estimate the gradient's scale, not its direction (AdamW / AMSGrad, Adamax, RMSprop and

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sparse_nlp.config import SparsityConfig
-from sparse_nlp.console import (
+from sparse_nlp.integrations.console import (
     DENSITY_KEY,
     PRUNE_RATE_KEY,
     UPDATES_KEY,
@@ -37,7 +37,7 @@ from sparse_nlp.console import (
     layer_density_key,
 )
 from sparse_nlp.controller import SparsityController
-from sparse_nlp.distributed import is_distributed
+from sparse_nlp.parallel.ddp import is_distributed
 
 CONTROLLER_FILE = "sparsity_controller.pt"  # controller state, inside each checkpoint folder
 

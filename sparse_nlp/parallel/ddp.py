@@ -51,7 +51,7 @@ def broadcast_masks(masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def block_values_names(model: torch.nn.Module) -> list[str]:
     """Names of the block-sparse layers' ``values``: they change size at topology updates, so DDP must skip them."""
-    from sparse_nlp.block_layers import BlockSparseLinear  # here: block_layers sits above this module
+    from sparse_nlp.layers.block import BlockSparseLinear  # here: block_layers sits above this module
 
     return [f"{name}.values" if name else "values" for name, module in model.named_modules()
             if isinstance(module, BlockSparseLinear)]
@@ -87,7 +87,7 @@ def all_reduce_block_grads(model: torch.nn.Module) -> None:
     """
     if not is_distributed():
         return
-    from sparse_nlp.block_layers import BlockSparseLinear  # here: block_layers sits above this module
+    from sparse_nlp.layers.block import BlockSparseLinear  # here: block_layers sits above this module
 
     # Every training step under DDP: one walk over the modules, no name lookups.
     _average_in_place([m.values.grad for m in model.modules()
@@ -115,6 +115,6 @@ def check_block_values_agree(layers: Sequence[tuple[str, torch.nn.Module]]) -> N
     if differ.numel():
         raise RuntimeError(
             f"block-sparse layer {layers[int(differ[0])][0]} holds different values on different ranks: call "
-            "sparse_nlp.distributed.ignore_block_values_in_ddp(model) before wrapping it in DDP and "
+            "sparse_nlp.parallel.ddp.ignore_block_values_in_ddp(model) before wrapping it in DDP and "
             "all_reduce_block_grads(model) after each synchronising backward (SparseTrainer does both)."
         )

@@ -1,6 +1,6 @@
 """Gradient clipping by the norm of what the optimizer applies.
 
-A fine-grained sparse layer's mask is straight-through in the backward (``sparse_nlp.ops``): its weight gradient is
+A fine-grained sparse layer's mask is straight-through in the backward (``sparse_nlp.layers.masked``): its weight gradient is
 dense, so that the optimizer's momentum of *absent* weights is real (sparse momentum grows where it is largest).
 Those gradients never move the model (the masked weights are zeroed after every step), but a clip by the plain
 total norm counts them, and so clips a sparse model harder than a dense one: an effective learning-rate cut that
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from sparse_nlp.layers import SparseLinear
-from sparse_nlp.sharding import whole
+from sparse_nlp.layers.masked import SparseLinear
+from sparse_nlp.parallel.fsdp import whole
 
 
 def _masks_by_parameter(model: nn.Module) -> dict[int, torch.Tensor]:

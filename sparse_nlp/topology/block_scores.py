@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from sparse_nlp.block_layers import BlockSparseLinear, pool_blocks
+from sparse_nlp.layers.block import BlockSparseLinear, pool_blocks
 from sparse_nlp.methods import LayerState, TopologyMethod
-from sparse_nlp.optimizer_state import optimizer_momentum
+from sparse_nlp.topology.optimizer_state import optimizer_momentum
 
 
 def _live_block_means(values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Hugging Face glue: SparseTrainer (trainer.py), SparsityCallback (callback.py), console output (console.py)."""

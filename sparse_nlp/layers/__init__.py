@@ -1,0 +1,1 @@
+"""The sparse layers: one interface (base.py), two kinds (masked.py: fine-grained masks; block.py: live blocks)."""
