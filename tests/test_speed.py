@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sparse_nlp.kernels import cpu_native
+from sparse_nlp.kernels import BlockSparseLayout, resolve_backend
 from sparse_nlp.lm import speed as speed_module
 from sparse_nlp.lm.speed import GPU_MIN_TOKENS, kernel_speed_settings, measure_kernel_speedup
 
@@ -104,7 +104,8 @@ def test_a_real_measurement_names_the_settings_and_the_path_it_timed():
     speed = measure_kernel_speedup(_gpt2(64), tokens=64, density=0.5, block_size=16, repeats=1)
     assert (speed.density, speed.block_size, speed.tokens) == (0.5, 16, 64)
     assert "block 16, density 0.5" in speed.describe() and "--block_size 16" in speed.describe()
-    assert speed.backend == ("native" if cpu_native.available() else "torch")  # the path that was timed
+    layout = BlockSparseLayout.random((64, 64), 16, 0.5)
+    assert speed.backend == resolve_backend(None, torch.device("cpu"), layout, torch.float32)  # the path timed
     assert f"{speed.backend} path" in speed.describe()
 
 
