@@ -8,7 +8,7 @@
 
 Each lever is one study (recipes/study_lm.py: the same model, tokens, budget and resume) of its method alone (sparse
 momentum, or RigL / SET for rigl-own / set-own) in ``<output_dir>/<lever>``, with the lever's flags added
-(sparse_nlp.lm.study_levers.LEVERS lists them). At the end levers.json and levers.md set every lever's perplexity
+(study.levers.LEVERS lists them). At the end levers.json and levers.md set every lever's perplexity
 beside the study's own rows at that density, read from ``--baseline_dir``'s study.json: its own method at the study's
 settings, sparse momentum (the default settings), RigL, static, SET, small-dense and dense.
 Any other flag goes to every lever's study unchanged (e.g. --max_steps, --config_overrides, TrainingArguments).
@@ -24,7 +24,7 @@ import study_lm  # noqa: E402
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from sparse_nlp.lm.study_levers import LEVERS, get_levers, lever_row, load_groups, write_levers  # noqa: E402
+from study.levers import LEVERS, get_levers, lever_row, load_groups, write_levers  # noqa: E402
 
 
 @dataclass

@@ -12,10 +12,10 @@
 Each run is one call of recipes/train_lm.py's `train_one` on the same tokens, steps and seed-determined batches:
 - ``dense``: the full model; ``small_dense``: a narrower dense model with as many linear weights as the sparse ones
   at each density, ``small_dense_total`` one with as many parameters in all as the sparse model's nonzeros
-  (embeddings included) (``sparse_nlp.lm.small_dense``: width rule and weight counts);
+  (embeddings included) (``study.small_dense``: width rule and weight counts);
 - ``magnitude_average``: gradual magnitude pruning with as many linear weights averaged over training as the sparse
-  runs (the cubic schedule scaled down: it starts and ends sparser; ``sparse_nlp.lm.magnitude_budget``);
-- ``rigl_own``, ``set_own``: RigL and SET at their own papers' settings (``sparse_nlp.lm.study.OWN_SETTINGS``);
+  runs (the cubic schedule scaled down: it starts and ends sparser; ``study.magnitude_budget``);
+- ``rigl_own``, ``set_own``: RigL and SET at their own papers' settings (``study.grid.OWN_SETTINGS``);
 - every sparsity method in ``--methods`` at every density, fine-grained; ``--block_methods`` block-sparse
   (``--study_block_size`` 64, fast block momentum);
 - the further ``--seeds`` for ``--seeded_methods`` at ``--seeded_densities``.
@@ -50,15 +50,16 @@ from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from sparse_nlp import SparsityConfig  # noqa: E402
 from sparse_nlp.config import DENSE  # noqa: E402
-from sparse_nlp.lm.magnitude_budget import equal_average_magnitude  # noqa: E402
-from sparse_nlp.lm.small_dense import linear_layer_sizes, small_dense_shape  # noqa: E402
-from sparse_nlp.lm.study import (  # noqa: E402
+from sparse_nlp.topology.schedule import schedule_for  # noqa: E402
+
+from study.grid import (  # noqa: E402
     MAGNITUDE_AVERAGE, OWN_SETTINGS, RIGL_OWN, SET_OWN, SMALL_DENSE, SMALL_DENSE_TOTAL, StudyRun, load_result,
     plan_grid, run_dir, study_result, write_result,
 )
-from sparse_nlp.lm.study_plots import write_study_plots  # noqa: E402
-from sparse_nlp.lm.study_tables import write_study  # noqa: E402
-from sparse_nlp.topology.schedule import schedule_for  # noqa: E402
+from study.magnitude_budget import equal_average_magnitude  # noqa: E402
+from study.plots import write_study_plots  # noqa: E402
+from study.small_dense import linear_layer_sizes, small_dense_shape  # noqa: E402
+from study.tables import write_study  # noqa: E402
 
 GRID_FIELDS = ("density", "method", "block_size", "initial_density")  # SparsityConfig fields the grid sets per run
 # Sparsity options added after results were first written; those files hold the value every run had then.

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sparse_nlp.lm.attention_split import main, qkv_shares
+from study.attention_split import main, qkv_shares
 
 
 def test_shares_count_nonzeros_in_the_query_key_and_value_columns(tmp_path, capsys):

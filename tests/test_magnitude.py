@@ -1,5 +1,5 @@
 """Gradual magnitude pruning from ``initial_density``: where it starts, the cubic schedule from there, where it ends;
-and the equal-average rule (sparse_nlp.lm.magnitude_budget) checked against what the controller really holds."""
+and the equal-average rule (recipes/study/magnitude_budget.py) checked against what the controller really holds."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +7,9 @@ import torch
 
 from sparse_nlp import SparsityConfig, SparsityController, sparse_layers, sparsify
 from sparse_nlp.topology.allocation import plan_nonzeros
-from sparse_nlp.lm.magnitude_budget import average_density, equal_average_magnitude
-from sparse_nlp.lm.study import average_linear_nonzeros
 from sparse_nlp.topology.schedule import TopologySchedule, schedule_for
+from study.grid import average_linear_nonzeros
+from study.magnitude_budget import average_density, equal_average_magnitude
 from tiny_models import build
 from trainer_helpers import tiny_gpt2
 

@@ -12,15 +12,7 @@ import pytest
 from transformers import GPT2Config, TrainerCallback
 
 from sparse_nlp.lm.reporting import RunResult
-from sparse_nlp.lm.small_dense import (
-    linear_layer_sizes,
-    linear_weight_count,
-    parameter_count,
-    small_dense_shape,
-    sparse_nonzeros,
-    with_width,
-)
-from sparse_nlp.lm.study import (
+from study.grid import (
     RESULT_FILE,
     StudyResult,
     StudyRun,
@@ -30,7 +22,15 @@ from sparse_nlp.lm.study import (
     study_result,
     write_result,
 )
-from sparse_nlp.lm.study_tables import aggregate, format_study, format_summary, write_study
+from study.small_dense import (
+    linear_layer_sizes,
+    linear_weight_count,
+    parameter_count,
+    small_dense_shape,
+    sparse_nonzeros,
+    with_width,
+)
+from study.tables import aggregate, format_study, format_summary, write_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -232,7 +232,7 @@ def test_the_references_train_with_their_rules_and_the_committed_results_still_l
 
 
 def test_plots_without_matplotlib_say_how_to_get_them(tmp_path, monkeypatch):
-    from sparse_nlp.lm.study_plots import write_study_plots
+    from study.plots import write_study_plots
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
@@ -242,7 +242,7 @@ def test_plots_without_matplotlib_say_how_to_get_them(tmp_path, monkeypatch):
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    from sparse_nlp.lm.study_plots import write_study_plots
+    from study.plots import write_study_plots
 
     history = [{"step": 0, "densities": {"transformer.h.0.attn.c_attn": 0.1, "transformer.h.0.mlp.c_fc": 0.1}},
                {"step": 5, "densities": {"transformer.h.0.attn.c_attn": 0.2, "transformer.h.0.mlp.c_fc": 0.05}}]

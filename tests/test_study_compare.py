@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from sparse_nlp.lm.study import write_result
-from sparse_nlp.lm.study_compare import load_runs, main, write_comparison
+from study.compare import load_runs, main, write_comparison
+from study.grid import write_result
 from test_study import _row
 
 
@@ -39,7 +39,7 @@ def test_each_run_is_a_row_against_the_first_even_where_names_repeat(tmp_path):
 
 def test_the_time_plot_needs_a_timed_run(tmp_path):
     pytest.importorskip("matplotlib")
-    from sparse_nlp.lm.time_plot import write_time_plot
+    from study.time_plot import write_time_plot
 
     untimed = replace(_row("dense", 1.0, 0, 40.0), train_seconds=None)
     with pytest.raises(ValueError, match="no run has a training time"):

@@ -12,8 +12,8 @@ import pytest
 from transformers import HfArgumentParser
 
 from sparse_nlp import SparsityConfig
-from sparse_nlp.lm.study_levers import LEVERS_BY_NAME, format_levers, get_levers, lever_row
-from sparse_nlp.lm.study_tables import aggregate
+from study.levers import LEVERS_BY_NAME, format_levers, get_levers, lever_row
+from study.tables import aggregate
 from sparse_nlp.methods import get_method
 from sparse_nlp.topology.schedule import TopologySchedule
 from test_study import ROOT, _flags, _row, count_trained_runs, study_lm
@@ -124,8 +124,8 @@ def test_the_lever_recipe_trains_each_lever_once_and_resumes(tmp_path, monkeypat
 
 
 def test_the_own_settings_levers_are_the_studys_own_settings_references():
-    from sparse_nlp.lm.study import OWN_SETTINGS
-    from sparse_nlp.lm.study_levers import LEVERS_BY_NAME
+    from study.grid import OWN_SETTINGS
+    from study.levers import LEVERS_BY_NAME
 
     for lever, reference in (("rigl-own", "rigl_own"), ("set-own", "set_own")):
         flags = LEVERS_BY_NAME[lever].flags

@@ -60,8 +60,8 @@ def test_study_plots_add_the_curves_when_runs_were_evaluated_during_training(tmp
     pytest.importorskip("matplotlib")
     from dataclasses import replace
 
-    from sparse_nlp.lm.curve_plots import write_validation_curves
-    from sparse_nlp.lm.study_plots import write_study_plots
+    from study.curve_plot import write_validation_curves
+    from study.plots import write_study_plots
     from test_study import _row
 
     plain = [_row("dense", 1.0, 0, 100.0), _row("momentum", 0.1, 0, 120.0)]

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 from sparse_nlp.config import DENSE
 from sparse_nlp.lm.reporting import aligned_table
-from sparse_nlp.lm.study import OWN_SETTINGS, RIGL_OWN, SET_OWN, SMALL_DENSE, StudyResult
+
+from study.grid import OWN_SETTINGS, RIGL_OWN, SET_OWN, SMALL_DENSE, StudyResult
 
 
 def _flags(settings: dict) -> tuple[str, ...]:

@@ -9,7 +9,7 @@
   MLP, early or late;
 - ``study_speed.png``: training tokens/s against density, fine-grained against block-sparse, dense as a line;
 - ``study_curves.png``, when runs were evaluated during training: validation perplexity against steps and training
-  time (``sparse_nlp.lm.curve_plots``).
+  time (``study.curve_plot``).
 
 matplotlib is optional (``pip install -e ".[plot]"``) and imported only here, when a plot is drawn; the figures are
 built without pyplot (no backend is chosen, no global state touched: they render with Agg).
@@ -21,10 +21,11 @@ import re
 from typing import Sequence
 
 from sparse_nlp.config import DENSE
-from sparse_nlp.lm.curve_plots import CURVES_FILE, write_validation_curves
 from sparse_nlp.lm.plots import INSTALL_HINT, plot_densities, is_attention_layer
-from sparse_nlp.lm.study import SMALL_DENSE, StudyResult
-from sparse_nlp.lm.study_tables import StudyGroup, aggregate
+
+from study.curve_plot import CURVES_FILE, write_validation_curves
+from study.grid import SMALL_DENSE, StudyResult
+from study.tables import StudyGroup, aggregate
 
 PLOT_FILES = ("study_perplexity.png", "study_layer_density.png", "study_speed.png")
 

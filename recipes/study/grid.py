@@ -15,9 +15,9 @@ Methods are sparsity methods (trained fine-grained; block-sparse with ``block_me
 model) and the equal-size references:
 - ``small_dense``: a narrower dense model with as many linear weights as the sparse ones at that density;
 - ``small_dense_total``: one with as many parameters in all as the sparse model's nonzeros, embeddings included
-  (both ``sparse_nlp.lm.small_dense``);
+  (both ``study.small_dense``);
 - ``magnitude_average``: gradual magnitude pruning whose linear weights averaged over training equal the sparse
-  runs' (it starts and ends sparser: ``sparse_nlp.lm.magnitude_budget``);
+  runs' (it starts and ends sparser: ``study.magnitude_budget``);
 - ``rigl_own``, ``set_own``: RigL and SET at their own papers' settings instead of the study's (``OWN_SETTINGS``).
 A reference's ``density`` is the density it matches, not its own.
 """

@@ -20,7 +20,7 @@ steps, updates every 100: k = 0.470 / 0.282 / 0.157 at d = 0.2 / 0.1 / 0.05, so 
 0.0079 (fewer final weights than the sparse runs: the price of the budget, shown in the tables' linear nonzeros).
 
 The average counts what the controller holds: each update's density from its step to the next update's, the
-initial density before the first, as ``sparse_nlp.lm.study.average_linear_nonzeros`` integrates a run's history.
+initial density before the first, as ``study.grid.average_linear_nonzeros`` integrates a run's history.
 Per-layer rounding moves it by a few weights per layer.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where a trained sparse GPT-2 keeps its attention weights: the query / key / value shares of each fused c_attn.
 
-    python -m sparse_nlp.lm.attention_split runs/study_lm/rigl-d0.1-s0 runs/study_lm/momentum-d0.1-s0
+    python recipes/study/attention_split.py runs/study_lm/rigl-d0.1-s0 runs/study_lm/momentum-d0.1-s0
 
 GPT-2 computes queries, keys and values with one fused projection (``attn.c_attn``, Conv1D [width, 3 x width]),
 which the sparsity methods treat as one layer: a method may move its weights between the three. A saved model

@@ -3,12 +3,12 @@
     runs = load_runs(["docs/results/study/dense-s0", "runs/study_wider_w512"])   # run folders or study folders
     write_comparison(runs, "docs/results/study_wider", title="Wider and sparser")    # comparison.md / .json (+ curves)
 
-The study's own tables (``study_tables``) average the seeds of one method, block size and density, which is right
+The study's own tables (``study.tables``) average the seeds of one method, block size and density, which is right
 inside one grid and wrong across grids (a 6,400-step run is not another seed of a 1,600-step one). Here each run
 is one row (with the folder of the study it came from), compared with the first row (the baseline): its width, steps, nonzero weights, perplexity, speed and time,
 and whether its speed was measured on a quiet machine. With matplotlib, ``comparison.png`` draws each run's
 perplexity against its training time (``time_plot``), and runs evaluated during training also go into
-``study_curves.png`` (``curve_plots``).
+``study_curves.png`` (``curve_plot``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 from sparse_nlp.lm.machine_load import is_quiet
 from sparse_nlp.lm.reporting import aligned_table, format_duration
-from sparse_nlp.lm.study import RESULT_FILE, StudyResult
+
+from study.grid import RESULT_FILE, StudyResult
 
 
 def load_runs(paths: Sequence[str]) -> list[tuple[str, StudyResult]]:
@@ -80,11 +81,11 @@ def write_comparison(runs: Sequence[tuple[str, StudyResult]], output_dir: str, t
         f.write(format_comparison(runs, title, notes))
     try:  # matplotlib is optional
         if any(r.train_seconds is not None for _, r in runs):
-            from sparse_nlp.lm.time_plot import TIME_PLOT_FILE, write_time_plot
+            from study.time_plot import TIME_PLOT_FILE, write_time_plot
 
             paths.append(write_time_plot(runs, os.path.join(output_dir, TIME_PLOT_FILE)))
         if any(r.validation_history for _, r in runs):
-            from sparse_nlp.lm.curve_plots import CURVES_FILE, write_validation_curves
+            from study.curve_plot import CURVES_FILE, write_validation_curves
 
             paths.append(write_validation_curves([r for _, r in runs], os.path.join(output_dir, CURVES_FILE)))
     except ImportError as err:
