@@ -9,7 +9,8 @@
         --dataset_config_name wikitext-103-raw-v1 --vocab_size 50257 --config_overrides n_layer=12,n_embd=768,n_head=12 \\
         --seq_length 1024 --max_steps 20000 --per_device_train_batch_size 16   # GPT-2-small (block runs: 1 process)
 
-Each run is one call of recipes/train_lm.py's `train_one` on the same tokens, steps and seed-determined batches:
+Each run is one call of ``sparse_nlp.lm.training.train_one`` (as recipes/train_lm.py's runs) on the same tokens,
+steps and seed-determined batches:
 - ``dense``: the full model; ``small_dense``: a narrower dense model with as many linear weights as the sparse ones
   at each density, ``small_dense_total`` one with as many parameters in all as the sparse model's nonzeros
   (embeddings included) (``study.small_dense``: width rule and weight counts);
@@ -24,7 +25,7 @@ A run writes ``<output_dir>/<run>/study_result.json`` when it has finished; star
 resumes an unfinished run from its last checkpoint (``--save_steps``). After each run the tables are rewritten
 (study.json, study.csv, study.md); at the end the plots (study_*.png, with matplotlib: pip install -e ".[plot]").
 
-The default model is recipes/train_lm.py's GPT-2 (4 layers, width 256) with its 2,048-token vocabulary, so that the
+The default model is the training recipe's GPT-2 (4 layers, width 256) with its 2,048-token vocabulary, so that the
 linear layers hold 85% of the weights (60% at 8,192: the dense token embedding held most of a sparse model's
 nonzeros, and the model barely felt linear sparsity); 1,600 steps of 16 x 128 tokens (~1.2 epochs).
 Flags: every StudyArguments field below, the training recipe's model and data flags, every SparsityConfig field
@@ -42,14 +43,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling recipe, train_lm.py
-import train_lm  # noqa: E402  (sets THP_MEM_ALLOC_ENABLE before torch is imported)
+# Large CPU tensors (the logits) on transparent huge pages, as recipes/train_lm.py: torch reads this once, at its first
+# allocation, so it is set before torch is imported (by the imports below).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from transformers import HfArgumentParser  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
-from sparse_nlp import SparsityConfig  # noqa: E402
+from sparse_nlp import SparseTrainer, SparsityConfig  # noqa: E402
 from sparse_nlp.config import DENSE  # noqa: E402
+from sparse_nlp.lm.arguments import (  # noqa: E402
+    DataArguments,
+    LMTrainingArguments,
+    ModelArguments,
+    SparsityArguments,
+    with_default_precision,
+)
+from sparse_nlp.lm.training import new_model_config, prepare_data, train_one, use_all_cores  # noqa: E402
 from sparse_nlp.topology.schedule import schedule_for  # noqa: E402
 
 from study.grid import (  # noqa: E402
@@ -116,13 +126,13 @@ class StudyArguments:
 
 
 @dataclass
-class StudyModelArguments(train_lm.ModelArguments):
+class StudyModelArguments(ModelArguments):
     # 2,048, as the recipe's, stated here so that the study's grid does not move with the recipe's defaults.
     vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the trained BPE tokenizer."})
 
 
 @dataclass
-class StudyTrainingArguments(train_lm.LMTrainingArguments):
+class StudyTrainingArguments(LMTrainingArguments):
     output_dir: Optional[str] = field(default="runs/study_lm", metadata={"help": "Where the runs and tables go."})
     # 1,600 steps: at 400 the methods could not be told apart; ~1.2 epochs of the corpus at this vocabulary.
     max_steps: int = field(default=1600, metadata={"help": "Optimizer steps per run (the same for every run)."})
@@ -137,7 +147,7 @@ class StudyTrainingArguments(train_lm.LMTrainingArguments):
 def _study_sparsity_arguments() -> type:
     """The training recipe's sparsity flags without the grid's (density, method, block_size)."""
     specs = []
-    for f in dataclasses.fields(train_lm.SparsityArguments):
+    for f in dataclasses.fields(SparsityArguments):
         if f.name not in GRID_FIELDS:
             metadata = dict(f.metadata)
             default = STUDY_SPARSITY_DEFAULTS.get(f.name, f.default)
@@ -153,9 +163,9 @@ StudySparsityArguments = _study_sparsity_arguments()
 def parse_args(argv: list[str]):
     if "--quick" in argv and argv[argv.index("--quick") + 1:][:1] not in (["false"], ["False"]):
         argv = QUICK_FLAGS + argv
-    argv = train_lm.with_default_precision(argv)
+    argv = with_default_precision(argv)
     parser = HfArgumentParser(
-        (StudyModelArguments, train_lm.DataArguments, StudySparsityArguments, StudyArguments, StudyTrainingArguments))
+        (StudyModelArguments, DataArguments, StudySparsityArguments, StudyArguments, StudyTrainingArguments))
     model_args, data_args, sparsity_args, study, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.model_name_or_path:
         raise ValueError("the study trains every model from scratch (small-dense needs a config): use --config_name "
@@ -174,7 +184,7 @@ def sparse_clip_rule() -> str:
     applies nothing else), or by all of them, absent weights' straight-through gradients included (harder than dense)."""
     from transformers import Trainer
 
-    return "active" if train_lm.SparseTrainer._clip_grad_norm is not Trainer._clip_grad_norm else "all gradients"
+    return "active" if SparseTrainer._clip_grad_norm is not Trainer._clip_grad_norm else "all gradients"
 
 
 def run_settings(run: StudyRun, model_args, data_args, sparsity: SparsityConfig, args) -> dict:
@@ -218,12 +228,12 @@ def prepare_run(run: StudyRun, model_args, base_config, sparsity_options: dict, 
 
 
 def train_run(run, model_args, config, sparsity, data_args, args, blocks, tokenizer):
-    """Train and evaluate one run through the training recipe; its study row."""
+    """Train and evaluate one run (``train_one``, as the training recipe does); its study row."""
     folder = run_dir(args.output_dir, run)
     checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
     resumed_from = int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
     start = time.time()
-    result = train_lm.train_one(run.name, sparsity, model_args, data_args, args, blocks, tokenizer, single_run=True)
+    result = train_one(run.name, sparsity, model_args, data_args, args, blocks, tokenizer, single_run=True)
     sitting = time.time() - start
     return study_result(
         run, result, linear_layer_sizes(config), total_steps=args.max_steps, width=config.hidden_size,
@@ -241,9 +251,9 @@ def limit_eval_blocks(blocks, limit: Optional[int]):
 
 def run_study(model_args, data_args, sparsity_options, study: StudyArguments, training_args):
     start = time.time()
-    blocks, tokenizer = train_lm.prepare_data(model_args, data_args, training_args)
+    blocks, tokenizer = prepare_data(model_args, data_args, training_args)
     blocks = limit_eval_blocks(blocks, study.max_eval_blocks)
-    base_config = train_lm.new_model_config(model_args, tokenizer)
+    base_config = new_model_config(model_args, tokenizer)
     grid = plan_grid(study.densities, study.methods, study.seeds, study.seeded_methods, study.seeded_densities,
                      study.block_methods, study.study_block_size)
     log = print if training_args.should_log else (lambda *a, **k: None)
@@ -306,7 +316,7 @@ def _notes(model_args, args, grid, results) -> list[str]:
 
 
 def main(argv=None):
-    threads = train_lm.use_all_cores()
+    threads = use_all_cores()
     try:
         model_args, data_args, sparsity_options, study, training_args = parse_args(
             list(sys.argv[1:] if argv is None else argv))

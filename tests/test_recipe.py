@@ -14,23 +14,14 @@ import pytest
 import torch
 
 import sparse_nlp.lm.sequence_length as sequence_length
+import train_lm  # recipes/train_lm.py (pytest's pythonpath: recipes/)
+from sparse_nlp.lm import arguments
 from trainer_helpers import tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "train_lm.py"
 WORDS = ("the nation people congress year government states united new great war peace law public world will "
          "must our we have has been not this that which all by for with from power men work free").split()
-
-
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("train_lm", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-train_lm = _load_recipe()
 
 
 def _write_text(path: Path, lines: int, seed: int) -> Path:
@@ -193,14 +184,14 @@ def test_use_all_cores_undoes_the_launchers_single_thread(monkeypatch):
 
 @pytest.mark.parametrize("cuda", [False, True])
 def test_bf16_by_default_only_where_it_is_fast_and_never_over_the_users_choice(monkeypatch, cuda):
-    monkeypatch.setattr(train_lm.torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(train_lm, "has_fast_bf16", lambda device_type: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(arguments, "has_fast_bf16", lambda device_type: True)
     on_cpu = [] if cuda else ["--use_cpu", "true"]
     assert train_lm.with_default_precision(["--max_steps", "5"]) == ["--max_steps", "5", "--bf16", "true", *on_cpu]
     assert train_lm.with_default_precision(["--use_cpu", "--x"]) == ["--use_cpu", "--x", "--bf16", "true"]
     for chosen in (["--bf16", "false"], ["--bf16=false"], ["--fp16"], ["--fp16", "true"]):
         assert train_lm.with_default_precision(chosen) == chosen
-    monkeypatch.setattr(train_lm, "has_fast_bf16", lambda device_type: False)  # emulated bf16: slower, stay fp32
+    monkeypatch.setattr(arguments, "has_fast_bf16", lambda device_type: False)  # emulated bf16: slower, stay fp32
     assert train_lm.with_default_precision(["--max_steps", "5"]) == ["--max_steps", "5"]
 
 

@@ -1,7 +1,6 @@
 """The NLP-gap study: grid, small-dense width rule, average parameters, aggregation, plots, and resume end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import GPT2Config, TrainerCallback
 
+import study_lm  # recipes/study_lm.py (pytest's pythonpath: recipes/)
+from sparse_nlp.lm import training
 from sparse_nlp.lm.reporting import RunResult
 from study.grid import (
     RESULT_FILE,
@@ -33,17 +34,6 @@ from study.small_dense import (
 from study.tables import aggregate, format_study, format_summary, write_study
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("study_lm", ROOT / "recipes" / "study_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-study_lm = _load_recipe()
 
 
 # ---- grid ------------------------------------------------------------------------------------------------------
@@ -317,19 +307,17 @@ def _flags(tmp_path, *extra):
 
 def count_trained_runs(monkeypatch) -> list[str]:
     """The names of the runs the recipe trains from now on (appended as each starts)."""
-    train_lm, trained = study_lm.train_lm, []
-    original_train_one = train_lm.train_one
+    trained, original_train_one = [], study_lm.train_one
 
     def counting_train_one(run, *args, **kwargs):
         trained.append(run)
         return original_train_one(run, *args, **kwargs)
 
-    monkeypatch.setattr(train_lm, "train_one", counting_train_one)
+    monkeypatch.setattr(study_lm, "train_one", counting_train_one)
     return trained
 
 
 def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypatch, capsys):
-    train_lm = study_lm.train_lm
     trained = count_trained_runs(monkeypatch)
 
     class KillAtStep3(TrainerCallback):  # after the checkpoint at step 2, as a kill would
@@ -337,12 +325,12 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypa
             if state.global_step == 3 and args.run_name.startswith("momentum"):
                 raise _Killed()
 
-    class KilledTrainer(train_lm.SparseTrainer):
+    class KilledTrainer(training.SparseTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(KillAtStep3())
 
-    monkeypatch.setattr(train_lm, "SparseTrainer", KilledTrainer)
+    monkeypatch.setattr(training, "SparseTrainer", KilledTrainer)
     flags = _flags(tmp_path)
     with pytest.raises(_Killed):
         study_lm.main(flags)
@@ -360,7 +348,7 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypa
         study_lm.main(flags[:flags.index("--output_dir")] + ["--output_dir", str(tmp_path / "empty"), "--tables_only",
                                                              "true"] + flags[flags.index("--output_dir") + 2:])
 
-    monkeypatch.setattr(train_lm, "SparseTrainer", KilledTrainer.__mro__[1])  # no kill this time
+    monkeypatch.setattr(training, "SparseTrainer", KilledTrainer.__mro__[1])  # no kill this time
     trained.clear()
     results = study_lm.main(flags)
     assert trained == ["momentum-d0.5-s0"]  # the finished runs were skipped, not retrained
