@@ -19,11 +19,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling recipes
-import study_lm  # noqa: E402
+# Large CPU tensors (the logits) on transparent huge pages, as recipes/train_lm.py: torch reads this once, at its first
+# allocation, so it is set before torch is imported (by the imports below).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from transformers import HfArgumentParser  # noqa: E402
 
+from study import runner  # noqa: E402
 from study.levers import LEVERS, get_levers, lever_row, load_groups, write_levers  # noqa: E402
 
 
@@ -56,7 +58,7 @@ def main(argv=None):
     rows = []
     for i, lever in enumerate(levers, 1):
         print(f"Lever {i}/{len(levers)}: {lever.name}: {lever.change}", flush=True)
-        results = study_lm.main(passed_on + list(lever.flags) + [
+        results = runner.main(passed_on + list(lever.flags) + [
             "--methods", lever.method, "--block_methods", "none", "--densities", density, "--seeds", *seeds,
             "--seeded_methods", lever.method, "--seeded_densities", density,
             "--output_dir", os.path.join(args.output_dir, lever.name)])

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from transformers import GPT2Config, TrainerCallback
 
-import study_lm  # recipes/study_lm.py (pytest's pythonpath: recipes/)
 from sparse_nlp.lm import training
 from sparse_nlp.lm.reporting import RunResult
+from study import runner
 from study.grid import (
     RESULT_FILE,
     StudyResult,
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---- grid ------------------------------------------------------------------------------------------------------
 def test_default_grid_has_every_method_density_and_the_extra_seeds():
-    args = study_lm.StudyArguments()
+    args = runner.StudyArguments()
     grid = plan_grid(args.densities, args.methods, args.seeds, args.seeded_methods, args.seeded_densities,
                      args.block_methods, args.study_block_size)
     names = [run.name for run in grid]
@@ -193,12 +193,12 @@ def test_tables_show_the_equal_size_references_with_their_total_and_average_para
 
 
 def test_the_references_train_with_their_rules_and_the_committed_results_still_load():
-    model_args, data_args, options, study, training_args = study_lm.parse_args(["--bf16", "true", "--use_cpu", "true"])
+    model_args, data_args, options, study, training_args = runner.parse_args(["--bf16", "true", "--use_cpu", "true"])
 
     def prepared(run):
-        model_args_of_run, config, sparsity, args = study_lm.prepare_run(run, model_args, STUDY_CONFIG, options, study,
+        model_args_of_run, config, sparsity, args = runner.prepare_run(run, model_args, STUDY_CONFIG, options, study,
                                                                          training_args)
-        return config, sparsity, study_lm.run_settings(run, model_args_of_run, data_args, sparsity, args)
+        return config, sparsity, runner.run_settings(run, model_args_of_run, data_args, sparsity, args)
 
     config, sparsity, settings = prepared(StudyRun("small_dense_total", 0.1, 0))
     assert (config.n_embd, config.n_head, sparsity.method, settings["sparsity"]) == (112, 2, "dense", None)
@@ -218,7 +218,7 @@ def test_the_references_train_with_their_rules_and_the_committed_results_still_l
     for path in committed:
         saved = json.loads(path.read_text())["result"]
         run = StudyRun(saved["method"], saved["density"], saved["seed"], saved["block_size"])
-        assert load_result(str(path.parent), prepared(run)[2], study_lm.ADDED_SETTINGS).name == run.name
+        assert load_result(str(path.parent), prepared(run)[2], runner.ADDED_SETTINGS).name == run.name
 
 
 def test_plots_without_matplotlib_say_how_to_get_them(tmp_path, monkeypatch):
@@ -307,13 +307,13 @@ def _flags(tmp_path, *extra):
 
 def count_trained_runs(monkeypatch) -> list[str]:
     """The names of the runs the recipe trains from now on (appended as each starts)."""
-    trained, original_train_one = [], study_lm.train_one
+    trained, original_train_one = [], runner.train_one
 
     def counting_train_one(run, *args, **kwargs):
         trained.append(run)
         return original_train_one(run, *args, **kwargs)
 
-    monkeypatch.setattr(study_lm, "train_one", counting_train_one)
+    monkeypatch.setattr(runner, "train_one", counting_train_one)
     return trained
 
 
@@ -333,24 +333,24 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypa
     monkeypatch.setattr(training, "SparseTrainer", KilledTrainer)
     flags = _flags(tmp_path)
     with pytest.raises(_Killed):
-        study_lm.main(flags)
+        runner.main(flags)
     study = tmp_path / "study"
     assert trained == ["dense-s0", "small_dense-d0.5-s0", "momentum-d0.5-s0"]
     finished = {name: (study / name / RESULT_FILE).stat().st_mtime_ns for name in ("dense-s0", "small_dense-d0.5-s0")}
     assert not (study / "momentum-d0.5-s0" / RESULT_FILE).exists()
     assert (study / "momentum-d0.5-s0" / "checkpoint-2").is_dir()
     (study / "study.md").unlink()
-    tabulated = study_lm.main(flags + ["--tables_only", "true"])  # the finished runs' tables; nothing trains
+    tabulated = runner.main(flags + ["--tables_only", "true"])  # the finished runs' tables; nothing trains
     assert [r.name for r in tabulated] == list(finished) and trained == ["dense-s0", "small_dense-d0.5-s0",
                                                                           "momentum-d0.5-s0"]
     assert "small-dense" in (study / "study.md").read_text() and "left out of the tables" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no finished run of this grid"):
-        study_lm.main(flags[:flags.index("--output_dir")] + ["--output_dir", str(tmp_path / "empty"), "--tables_only",
+        runner.main(flags[:flags.index("--output_dir")] + ["--output_dir", str(tmp_path / "empty"), "--tables_only",
                                                              "true"] + flags[flags.index("--output_dir") + 2:])
 
     monkeypatch.setattr(training, "SparseTrainer", KilledTrainer.__mro__[1])  # no kill this time
     trained.clear()
-    results = study_lm.main(flags)
+    results = runner.main(flags)
     assert trained == ["momentum-d0.5-s0"]  # the finished runs were skipped, not retrained
     assert {name: (study / name / RESULT_FILE).stat().st_mtime_ns for name in finished} == finished
     momentum = results[-1]
@@ -366,17 +366,17 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     capsys.readouterr()
-    study_lm.main(flags)
+    runner.main(flags)
     printed = capsys.readouterr().out
     assert trained == [] and "dense-s0 (finished before, skipped): val ppl" in printed and 'pip install -e ".[plot]"' in printed
     with pytest.raises(SystemExit, match="training.max_steps=4 but this study has training.max_steps=6"):  # other settings: refused, not mixed into the table
-        study_lm.main(flags + ["--max_steps", "6"])
+        runner.main(flags + ["--max_steps", "6"])
     assert os.path.isfile(study / "study.json")
 
 
 def test_the_equal_size_references_run_through_the_recipe(tmp_path):
     flags = _flags(tmp_path, "--methods", "momentum", "small_dense_total", "magnitude_average", "--densities", "0.25")
-    momentum, total, magnitude = study_lm.main(flags)
+    momentum, total, magnitude = runner.main(flags)
     assert (total.name, magnitude.name) == ("small_dense_total-d0.25-s0", "magnitude_average-d0.25-s0")
     # n_layer=1, n_embd=64: the sparse model holds 12,288 linear + 22,208 other = 34,496 nonzeros; width 40 (the
     # closest multiple of 8: 32 holds 23,392, 48 holds 44,304) holds 33,080 in all
@@ -402,7 +402,7 @@ def test_a_group_speed_comes_from_runs_on_a_quiet_machine():
 
 
 def test_none_leaves_out_the_fine_grained_or_the_block_runs():
-    *_, study, _ = study_lm.parse_args(["--methods", "none", "--block_methods", "momentum", "--output_dir", "x"])
+    *_, study, _ = runner.parse_args(["--methods", "none", "--block_methods", "momentum", "--output_dir", "x"])
     assert study.methods == [] and study.block_methods == ["momentum"]
     grid = plan_grid([0.2, 0.1], study.methods, [0], block_methods=study.block_methods, block_size=64)
     assert [run.name for run in grid] == ["momentum-b64-d0.2-s0", "momentum-b64-d0.1-s0"]

@@ -1,33 +1,21 @@
 """Levers: their table against the study's rows, the baselines' own schedules, the recipe end to end (runs, resume)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from dataclasses import asdict
 
 import pytest
-
 from transformers import HfArgumentParser
 
+import study_levers  # recipes/study_levers.py (pytest's pythonpath: recipes/)
 from sparse_nlp import SparsityConfig
-from study.levers import LEVERS_BY_NAME, format_levers, get_levers, lever_row
-from study.tables import aggregate
 from sparse_nlp.methods import get_method
 from sparse_nlp.topology.schedule import TopologySchedule
-from test_study import ROOT, _flags, _row, count_trained_runs, study_lm
-
-
-def _load_levers_recipe():
-    spec = importlib.util.spec_from_file_location("study_levers", ROOT / "recipes" / "study_levers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-study_levers = _load_levers_recipe()
+from study import runner
+from study.levers import LEVERS_BY_NAME, format_levers, get_levers, lever_row
+from study.tables import aggregate
+from test_study import _flags, _row, count_trained_runs
 
 
 def test_lever_rows_are_compared_with_the_study_rows_at_their_density():
@@ -97,7 +85,7 @@ def test_rigl_and_set_at_their_papers_settings_schedule_as_the_papers_do():
 
 def test_the_lever_recipe_trains_each_lever_once_and_resumes(tmp_path, monkeypatch, capsys):
     flags = _flags(tmp_path)
-    study_lm.main(flags)  # the baseline study: dense, small-dense and momentum at 0.5
+    runner.main(flags)  # the baseline study: dense, small-dense and momentum at 0.5
     trained = count_trained_runs(monkeypatch)
     passed_on = [f for f in flags if f != str(tmp_path / "study")]
     passed_on.remove("--output_dir")
