@@ -33,7 +33,9 @@ from study.levers import LEVERS, get_levers, lever_row, load_groups, write_lever
 class LeverArguments:
     levers: list[str] = field(
         default_factory=lambda: [lever.name for lever in LEVERS],
-        metadata={"help": "Levers to train: " + ", ".join(f"{lever.name} ({lever.change})" for lever in LEVERS)})
+        # (argparse formats help with %: the changes' percentages are escaped)
+        metadata={"help": "Levers to train: " + ", ".join(f"{lever.name} ({lever.change})" for lever in LEVERS)
+                  .replace("%", "%%")})
     density: float = field(default=0.05, metadata={"help": "Density of every lever's run."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of every lever."})
     output_dir: str = field(default="runs/study_levers", metadata={"help": "One folder per lever, and the tables."})

@@ -80,11 +80,11 @@ class SparsityConfig:
         default="reset",
         metadata={
             "help": "Optimizer state of regrown weights (fine-grained masks): reset (every slot zeroed; AdamW's "
-            "per-tensor bias correction then makes their first steps and momentum read several times too large, "
-            "which trained 1.7% better than fresh in a small measurement: docs/study.md), fresh (momentum zeroed, "
-            "gradient scale such as exp_avg_sq kept: steps no larger than a fresh parameter's) or keep (all "
-            "the state gathered from the straight-through gradients while absent, as the reference since v1.0). Block "
-            "layers: reset or fresh (new blocks' exp_avg_sq from the gradients collected before the update)."
+            "per-tensor bias correction then makes their first steps and momentum read several times too large), "
+            "fresh (momentum zeroed, gradient scale such as exp_avg_sq kept: steps no larger than a fresh "
+            "parameter's) or keep (all the state gathered from the straight-through gradients while absent, as the "
+            "reference since v1.0). Block layers: reset or fresh (new blocks' exp_avg_sq from the gradients "
+            "collected before the update). docs/study.md measures the three."
         },
     )
     fused_qkv: str = field(
