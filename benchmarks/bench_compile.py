@@ -30,6 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from sparse_nlp import SparsityConfig, SparsityController, sparsify
+from sparse_nlp.compile_support import let_dynamo_resize_parameters
 
 PRESETS = {  # (width, layers, heads, vocab, batch, tokens, block, density)
     "cuda": (768, 12, 12, 8192, 16, 1024, 64, 0.1),
@@ -77,6 +78,8 @@ class Variant:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         if kind == "block":
             self.controller = SparsityController(self.model, self.optimizer, total_steps=total)
+        if mode != "eager" and kind == "block":
+            let_dynamo_resize_parameters()  # what compile_model does: one graph through every topology update
         self.loss = _loss if mode == "eager" else torch.compile(_loss, mode=None if mode == "default" else mode,
                                                                 backend=args.backend)
         generator = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 
 A topology update changes a layer's number of live blocks: `values` and the layout's index buffers get a new size
 on dim 0. These helpers make that size symbolic in compiled graphs and let the resize happen while compiled guards
-hold weak references to the parameter (sparse_nlp/layers/block.py calls them).
+hold weak references to the parameter (sparse_nlp/layers/block.py calls them; ``compile_model`` is the public call).
 """
 from __future__ import annotations
 
@@ -12,8 +12,19 @@ import weakref
 import torch
 
 
+def compile_model(model: torch.nn.Module, **compile_options):
+    """``torch.compile(model, **compile_options)`` for a model with block-sparse layers, in a custom training loop:
+    first ``let_dynamo_resize_parameters()``, so that topology updates do not recompile. (``SparseTrainer`` with
+    ``torch_compile=True`` does the same.) A model without block layers needs nothing: plain torch.compile works."""
+    let_dynamo_resize_parameters()
+    return torch.compile(model, **compile_options)
+
+
 def let_dynamo_resize_parameters() -> None:
     """Let torch.compile give the live-block dimension of `values` and the layout buffers a dynamic size.
+
+    A process-wide dynamo setting: changed only where compilation of a block-sparse model is asked for
+    (``compile_model``, ``SparseTrainer`` with ``torch_compile``), never by building a layer.
 
     Dynamo forces every nn.Module parameter and buffer to a static shape by default
     (torch._dynamo.config.force_parameter_static_shapes), so each topology update, which changes the number of live

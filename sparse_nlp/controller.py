@@ -14,23 +14,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sparse_nlp.layers.block import BlockSparseLinear
-from sparse_nlp.topology.block_scores import block_layer_state
 from sparse_nlp.config import SparsityConfig
-from sparse_nlp.parallel.ddp import all_reduce_dense_grads, broadcast_masks, check_block_values_agree, is_distributed
+from sparse_nlp.layers.base import overall_density, sparse_layers
+from sparse_nlp.methods import get_method, update_layer_topology
+from sparse_nlp.model import CONFIG_ATTRIBUTE
+from sparse_nlp.parallel.ddp import Replicas
+from sparse_nlp.parallel.fsdp import check_sharded_training
+from sparse_nlp.topology.context import UpdateContext
 from sparse_nlp.topology.fused_qkv import q_k_v_slices
-from sparse_nlp.methods import LayerState, get_method, update_layer_topology
 from sparse_nlp.topology.optimizer_state import MomentumTracker
 from sparse_nlp.topology.schedule import schedule_for
-from sparse_nlp.parallel.fsdp import (
-    GatheredLayerState,
-    check_sharded_training,
-    is_sharded,
-    local,
-    local_part,
-    positions_mask,
-)
-from sparse_nlp.model import CONFIG_ATTRIBUTE, sparse_layers
 
 
 @dataclass(frozen=True)
@@ -52,7 +45,7 @@ class SparsityController:
     ):
         self.layers = sparse_layers(model)
         if not self.layers:
-            raise ValueError("the model has no sparse layers; call sparse_nlp.model(model, ...) first.")
+            raise ValueError("the model has no sparse layers; call sparse_nlp.sparsify(model, ...) first.")
         config = config if config is not None else getattr(model, CONFIG_ATTRIBUTE, None)
         if config is None:
             raise ValueError("no sparsity config: pass config=SparsityConfig(...) or sparsify the model with sparse_nlp.")
@@ -74,15 +67,19 @@ class SparsityController:
                     "optimizer steps>."
                 )
             self.schedule = schedule_for(config, total_steps)
-        self.block_layers = [layer for _, layer in self.layers if isinstance(layer, BlockSparseLinear)]
         self.unit_slices = self._unit_slices(model)  # per layer: [None] (the whole layer), or its q/k/v slices
-        check_sharded_training(model, bool(self.block_layers))  # FSDP1, or block layers under FSDP: one line
+        resizing = any(layer.resizable_parameters for _, layer in self.layers)
+        check_sharded_training(model, resizing)  # FSDP1, or block layers under FSDP: one line
         self.apply_masks()  # under FSDP2: shards each mask like its weight (sparse_nlp.parallel.fsdp)
-        # Fine-grained layers: momentum from the optimizer, or a gradient average kept here (block layers: see
-        # block_topology). Indexed by position in self.layers.
+        # Momentum from the optimizer, or a gradient average kept here (not for block layers: see
+        # topology/block_scores.py). Indexed by position in self.layers.
         self.momentum = MomentumTracker(
             optimizer, [layer.weight for _, layer in self.layers], config.momentum_beta, config.adam_momentum
         )
+        self._untracked = [i for i, (_, layer) in enumerate(self.layers) if not layer.tracks_gradient_average]
+        self.replicas = Replicas()
+        # Layers whose parameters resize (block values): DDP skips them, and they collect a dense-gradient window.
+        self.resizes_parameters = resizing
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # growth draws; distinct from the init's
         self.step_count = 0
         self.update_count = 0
@@ -94,7 +91,7 @@ class SparsityController:
         """After each optimizer step. Returns the update's statistics when the topology changed, else None."""
         self.apply_masks()
         if self.method.needs_momentum:
-            self.momentum.observe(skip=self.block_layers)
+            self.momentum.observe(skip=self._untracked)
         self._fold_dense_grads()
         self.step_count += 1
         stats = None
@@ -105,7 +102,7 @@ class SparsityController:
 
     # ---- dense gradients of block-sparse layers (the momentum of absent blocks) -----------------------------
     def _collects_dense_grads(self) -> bool:
-        return bool(self.block_layers) and self.schedule is not None and (
+        return self.resizes_parameters and self.schedule is not None and (
             self.method.needs_momentum or self.method.needs_gradient or self.config.regrown_state == "fresh"
         )  # fresh: new blocks take their gradient scale from the window, whatever the method scores
 
@@ -120,16 +117,17 @@ class SparsityController:
                 interval = self.config.update_interval
                 next_update = -(-upcoming // interval) * interval
                 collect = next_update <= self.schedule.last_update_step and next_update - upcoming < self.config.momentum_window
-        for layer in self.block_layers:
-            layer.collect_dense_grad = collect
+        for _, layer in self.layers:
+            layer.collect_dense_gradients(collect)
 
     def _fold_dense_grads(self) -> None:
         beta = self.config.momentum_beta if self.config.block_momentum == "exact" else None
-        if is_distributed():  # each rank's step is of its local batch: average first (the squares need the whole)
-            all_reduce_dense_grads(self.block_layers)
+        layers = [layer for _, layer in self.layers]
+        # each rank's step is of its local batch: average first (the squares need the whole batch's)
+        self.replicas.average_dense_gradients(layers)
         squares = ((self.config.block_scores == "collected" and self.config.adam_momentum == "normalized")
                    or self.config.regrown_state == "fresh")  # fresh: new blocks' gradient scale from the window
-        for layer in self.block_layers:
+        for layer in layers:
             layer.end_step(beta, squares)
 
     def apply_masks(self) -> None:
@@ -153,11 +151,12 @@ class SparsityController:
         """
         if self.schedule is None:  # static: the mask never changes
             return {"prune_rate": 0.0, "pruned": 0, "grown": 0, "moved": 0, "removed": 0}
-        before = [self._whole_mask(layer).clone() for _, layer in self.layers]
-        if is_distributed() and self.block_layers:  # (the dense gradients were averaged over ranks at every step)
-            check_block_values_agree([(n, l) for n, l in self.layers if isinstance(l, BlockSparseLinear)])
+        before = [layer.whole_mask().clone() for _, layer in self.layers]
+        self.replicas.check_values_agree(self.layers)  # what DDP does not sync (block values) agrees over ranks
         prune_rate = self.schedule.prune_rate_at(self.step_count)
-        states = [self._layer_state(i, name, layer) for i, (name, layer) in enumerate(self.layers)]
+        context = UpdateContext(self.optimizer, self.method, self.config, self.generator, self.replicas)
+        contexts = [context.for_layer(self.momentum.of(i)) for i in range(len(self.layers))]
+        states = [layer.layer_state(name, contexts[i]) for i, (name, layer) in enumerate(self.layers)]
         # The topology units the method sees: a layer, or with fused_qkv="split" each of q, k, v of a fused one.
         units = [(i, piece, piece.unit_state(state) if piece is not None else state)
                  for i, state in enumerate(states) for piece in self.unit_slices[i]]
@@ -170,31 +169,15 @@ class SparsityController:
             grow_scores = self.method.grow_scores(unit) if plan.grow else None
             grown = update_layer_topology(unit, plan, prune_scores, grow_scores)
             grown_in[i].append(piece.write_back(states[i], unit, grown) if piece is not None else grown)
-            if isinstance(states[i], GatheredLayerState) and (n + 1 == len(units) or units[n + 1][0] != i):
-                states[i].release()  # FSDP2: the layer's gathered floats are done with; its new mask stays
+            if n + 1 == len(units) or units[n + 1][0] != i:
+                states[i].release()  # the layer's floats are done with (FSDP2: gathered copies); its new mask stays
         for i, ((_, layer), state) in enumerate(zip(self.layers, states)):
-            grown = torch.cat(grown_in[i])
-            if isinstance(layer, BlockSparseLinear):  # the state was a copy over blocks: move the blocks now
-                if is_distributed():  # rank 0's blocks, before the values move (they must match the mask)
-                    broadcast_masks([state.mask])
-                fresh = self.config.regrown_state == "fresh"
-                layer.set_block_mask(state.mask, self.optimizer,
-                                     regrown_scale=layer.dense_grad_mean_square() if fresh else None)
-            elif is_sharded(layer.mask):  # FSDP2: the state was a gathered copy; each rank writes its shard back
-                self._write_sharded_update(i, layer, state.mask, grown)
-            elif self.config.regrown_state != "keep":  # reset: every slot zeroed; fresh: the gradient scale kept
-                self.momentum.reset(i, grown, keep_scale=self.config.regrown_state == "fresh")
-            active = layer.nonzeros if is_sharded(layer.mask) else int(layer.mask.sum())  # units: weights or blocks
-            if active != expected[i]:  # cannot happen unless a method breaks the contract: fail loudly
-                raise RuntimeError(f"{state.name}: {active} active units after update, planned {expected[i]}.")
+            layer.apply_update(state, torch.cat(grown_in[i]), contexts[i])  # the same on every rank
+            if layer.active_units != expected[i]:  # cannot happen unless a method breaks the contract: fail loudly
+                raise RuntimeError(f"{state.name}: {layer.active_units} active units after update, planned {expected[i]}.")
         if self.config.block_momentum == "fast":  # the next window starts afresh
-            for layer in self.block_layers:
-                layer.clear_dense_grad()
-        if is_distributed():  # fine-grained layers: rank 0's masks, and fresh momentum where this rank's differed
-            fine = [i for i, (_, layer) in enumerate(self.layers)
-                    if not isinstance(layer, BlockSparseLinear) and not is_sharded(layer.mask)]
-            for i, changed in zip(fine, broadcast_masks([self.layers[i][1].mask for i in fine])):
-                self.momentum.reset(i, changed, keep_scale=self.config.regrown_state == "fresh")
+            for _, layer in self.layers:
+                layer.clear_dense_gradients()
         self.apply_masks()
         self.update_count += 1
         self.density_history.append(self._density_record())
@@ -216,22 +199,6 @@ class SparsityController:
                              "Falcon, Phi-3 have one); leave fused_qkv=joint for this model.")
         return slices
 
-    @torch.no_grad()
-    def _write_sharded_update(self, index: int, layer, mask: torch.Tensor, grown: torch.Tensor) -> None:
-        """FSDP2: rank 0's whole new ``mask`` into every rank's shard; zero weights and state at grown positions."""
-        reset = [grown] if self.config.regrown_state != "keep" else []
-        if is_distributed():  # every rank decided from the same gathered bytes; rank 0's decision wins anyway
-            reset += broadcast_masks([mask])
-        layer.write_mask(mask)
-        weight = layer.weight.data
-        local(weight).masked_fill_(local_part(positions_mask(grown, weight), weight), 0)  # regrown in place: from 0
-        for positions in reset:
-            self.momentum.reset(index, positions, keep_scale=self.config.regrown_state == "fresh")
-
-    @staticmethod
-    def _whole_mask(layer) -> torch.Tensor:
-        return layer.mask if isinstance(layer, BlockSparseLinear) else layer.whole_mask()
-
     def _changed_weights(self, before: list[torch.Tensor], after: list[torch.Tensor]) -> tuple[int, int]:
         """(turned on, turned off) weights between the whole masks ``before`` and ``after``, counted in weights.
 
@@ -240,32 +207,9 @@ class SparsityController:
         """
         turned_on = turned_off = 0
         for (_, layer), old, now in zip(self.layers, before, after):
-            unit = layer.block_size**2 if isinstance(layer, BlockSparseLinear) else 1
-            turned_on += int((now & ~old).sum()) * unit
-            turned_off += int((old & ~now).sum()) * unit
+            turned_on += int((now & ~old).sum()) * layer.unit_size
+            turned_off += int((old & ~now).sum()) * layer.unit_size
         return turned_on, turned_off
-
-    def _layer_state(self, index: int, name: str, layer) -> LayerState:
-        if isinstance(layer, BlockSparseLinear):
-            return block_layer_state(
-                name, layer, self.optimizer, self.method, self.generator, self.config.adam_momentum,
-                self.config.block_scores,
-            )
-        gradient = None
-        if self.method.needs_gradient:
-            gradient = layer.weight.grad
-            if gradient is None:
-                raise ValueError(
-                    f"method {self.config.method!r} grows by gradient but {name} has none: call controller.step() "
-                    "after optimizer.step() and before optimizer.zero_grad()."
-                )
-        momentum = (lambda: self.momentum.momentum(index)) if self.method.needs_momentum else (lambda: None)
-        initial = getattr(layer, "initial_nonzeros", None)  # where gradual pruning starts (None: dense)
-        if is_sharded(layer.mask):  # FSDP2: whole copies, gathered when read; _write_sharded_update writes back
-            sources = {"weight": lambda: layer.weight.data, "momentum": momentum, "gradient": lambda: gradient}
-            return GatheredLayerState(name, layer.whole_mask(), sources, layer.target_nonzeros, self.generator, initial)
-        return LayerState(name=name, weight=layer.weight.data, mask=layer.mask, momentum=momentum(), gradient=gradient,
-                          target_nonzeros=layer.target_nonzeros, generator=self.generator, initial_nonzeros=initial)
 
     # ---- reporting -----------------------------------------------------------------------------------------
     def report(self) -> list[LayerReport]:
@@ -273,7 +217,7 @@ class SparsityController:
 
     def density(self) -> float:
         """Overall density of the sparse layers."""
-        return sum(l.nonzeros for _, l in self.layers) / sum(l.weight_shape[0] * l.weight_shape[1] for _, l in self.layers)
+        return overall_density(self.layers)
 
     def prune_rate(self) -> float:
         return self.schedule.prune_rate_at(self.step_count) if self.schedule is not None else 0.0
@@ -293,8 +237,8 @@ class SparsityController:
             "density_history": list(self.density_history),
             "layers": {name: {"shape": list(layer.weight_shape), "nonzeros": layer.nonzeros} for name, layer in self.layers},
             # block layers inside a momentum window: the gradients collected so far (a resumed run scores the same)
-            "dense_grads": {name: state for name, layer in self.layers if isinstance(layer, BlockSparseLinear)
-                            and (state := layer.dense_grad_state()) is not None},
+            "dense_grads": {name: state for name, layer in self.layers
+                            if (state := layer.dense_gradient_state()) is not None},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -307,8 +251,7 @@ class SparsityController:
                     f"{getattr(self.config, key)!r}; resume with the same sparsity settings."
                 )
         for _, layer in self.layers:  # FSDP2: masks loaded into their shards are counted again
-            if not isinstance(layer, BlockSparseLinear):
-                layer.recount()
+            layer.recount()
         ours = {name: list(layer.weight_shape) for name, layer in self.layers}
         theirs = {name: entry["shape"] for name, entry in state["layers"].items()}
         if ours != theirs:
@@ -331,5 +274,4 @@ class SparsityController:
         self.momentum.load_state_dict(state["momentum"])
         collected = state.get("dense_grads", {})  # absent in checkpoints of older versions
         for name, layer in self.layers:
-            if isinstance(layer, BlockSparseLinear):
-                layer.load_dense_grad_state(collected.get(name))
+            layer.load_dense_gradient_state(collected.get(name))

@@ -16,42 +16,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparse_nlp.architectures import MLP_LAYOUTS
 from sparse_nlp.layers.base import stores_in_out, weight_out_in
 from sparse_nlp.model import sparse_layers, unsparsify
 
 
-@dataclass(frozen=True)
-class MLPLayout:
-    """Where an architecture keeps its MLP: module paths relative to one MLP block, and its config field."""
-
-    blocks: Callable[[nn.Module], list[nn.Module]]  # the modules that each hold one MLP's projections
-    inputs: tuple[str, ...]  # projections into the hidden units (rows = units)
-    output: str  # projection out of the hidden units (columns = units)
-    hidden_of_zero: Callable[[nn.Module, int], torch.Tensor]  # each unit's value for a zero input
-    config_field: str
-
-
-def _gpt2_hidden(block, width):
-    return block.act(block.c_fc(torch.zeros(1, width)))[0]
-
-
-MLP_LAYOUTS = {
-    "gpt2": MLPLayout(lambda m: [b.mlp for b in m.transformer.h], ("c_fc",), "c_proj", _gpt2_hidden, "n_inner"),
-    "llama": MLPLayout(
-        lambda m: [layer.mlp for layer in m.model.layers],
-        ("gate_proj", "up_proj"),
-        "down_proj",
-        lambda b, w: (b.act_fn(b.gate_proj(torch.zeros(1, w))) * b.up_proj(torch.zeros(1, w)))[0],
-        "intermediate_size",
-    ),
-    "opt": MLPLayout(
-        lambda m: list(m.model.decoder.layers),
-        ("fc1",),
-        "fc2",
-        lambda b, w: b.activation_fn(b.fc1(torch.zeros(1, w)))[0],
-        "ffn_dim",
-    ),
-}
 
 
 def _resize_units(layer: nn.Module, keep: torch.Tensor, is_input: bool) -> None:

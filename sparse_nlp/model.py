@@ -18,7 +18,7 @@ from torch import nn
 from sparse_nlp.topology.allocation import plan_nonzeros
 from sparse_nlp.layers.block import BlockSparseLinear, block_grid, pool_blocks
 from sparse_nlp.config import DENSE, SparsityConfig
-from sparse_nlp.layers.base import is_linear, out_in_shape, weight_out_in
+from sparse_nlp.layers.base import is_linear, out_in_shape, sparse_layers, weight_out_in
 from sparse_nlp.layers.masked import SparseLinear
 from sparse_nlp.methods import get_method
 
@@ -83,15 +83,16 @@ def find_target_layers(
     return matched
 
 
-CONFIG_ATTRIBUTE = "sparsity_config"  # where sparsify leaves its config on the model, for trainers to find
+CONFIG_ATTRIBUTE = "sparsity_config"
 
 
-def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's sparse layers (name, module), in model order: SparseLinear and BlockSparseLinear."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (SparseLinear, BlockSparseLinear))]
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``model``'s submodule ``name`` is (a dotted path)."""
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)  # where sparsify leaves its config on the model, for trainers to find
 
 
-def _check_divisible(targets: list[tuple[str, nn.Module]], block_size: int) -> None:
+def check_divisible(targets: list[tuple[str, nn.Module]], block_size: int) -> None:
     for name, module in targets:
         shape = out_in_shape(module)
         if shape[0] % block_size or shape[1] % block_size:
@@ -157,7 +158,7 @@ def sparsify(
     method = get_method(config.method)
     block = config.block_size
     if block > 1:
-        _check_divisible(targets, block)
+        check_divisible(targets, block)
     unit_shapes = [tuple(m.weight.shape) if block == 1 else block_grid(out_in_shape(m), block) for _, m in targets]
     planned = plan_nonzeros(unit_shapes, config.density, config.distribution)  # weights, or blocks
     # where each layer starts: at its planned count, or (gradual pruning) dense or at initial_density
@@ -170,15 +171,13 @@ def sparsify(
             masks.append(torch.ones(shape, dtype=torch.bool))
         else:
             masks.append(_initial_mask(_unit_magnitude(module, block), nonzeros, config.init, generator))
-    for (name, module), mask, nonzeros, start in zip(targets, masks, planned, starts):
-        parent_name, _, child_name = name.rpartition(".")
+    for (name, module), mask, target, start in zip(targets, masks, planned, starts):
+        initial = start if method.starts_dense and config.initial_density < 1 else None  # None: dense start
         if block == 1:
-            layer = SparseLinear(module, mask)
+            layer = SparseLinear(module, mask, target_units=target, initial_units=initial)
         else:
-            layer = BlockSparseLinear.from_dense(module, mask, block)
-        layer.target_nonzeros = nonzeros
-        layer.initial_nonzeros = start if method.starts_dense and config.initial_density < 1 else None
-        setattr(model.get_submodule(parent_name), child_name, layer)
+            layer = BlockSparseLinear.from_dense(module, mask, block, target_units=target, initial_units=initial)
+        replace_module(model, name, layer)
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
 
@@ -193,8 +192,7 @@ def unsparsify(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("this model has no sparse layers; nothing to unsparsify.")
     for name, layer in layers:
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, layer.to_base_layer())
+        replace_module(model, name, layer.to_base_layer())
     if hasattr(model, CONFIG_ATTRIBUTE):
         delattr(model, CONFIG_ATTRIBUTE)
     return model

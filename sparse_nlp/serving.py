@@ -17,10 +17,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from sparse_nlp.layers.block import BlockSparseLinear, pool_blocks
 from sparse_nlp.layers.base import out_in_shape, weight_out_in
-from sparse_nlp.model import _check_divisible, sparse_layers
-from sparse_nlp.model import FilterFn, find_target_layers
+from sparse_nlp.layers.block import BlockSparseLinear, pool_blocks
+from sparse_nlp.model import FilterFn, check_divisible, find_target_layers, replace_module, sparse_layers
 
 SERVING_MAX_DENSITY = 0.5  # above this share of live blocks a layer stays dense (kernels' break-even is ~0.6-0.75)
 
@@ -52,16 +51,15 @@ def block_sparse_for_serving(
         raise ValueError("this model already has sparse layers; block_sparse_for_serving takes a plain model "
                          "(call sparse_nlp.unsparsify(model) first).")
     targets = find_target_layers(model, target_modules, None, filter_fn)
-    _check_divisible(targets, block_size)
+    check_divisible(targets, block_size)
     replaced = 0
     for name, layer in targets:
         mask = nonzero_block_mask(layer, block_size)
         if mask.float().mean().item() > max_density:
             continue
-        parent_name, _, child_name = name.rpartition(".")
         sparse = BlockSparseLinear.from_dense(layer, mask, block_size)
         sparse.values.requires_grad_(False)  # nothing trains it: its packed weights are kept between calls
-        setattr(model.get_submodule(parent_name), child_name, sparse)
+        replace_module(model, name, sparse)
         replaced += 1
     if replaced == 0:
         shapes = sorted({out_in_shape(layer) for _, layer in targets})

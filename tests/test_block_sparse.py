@@ -63,21 +63,20 @@ def test_collected_dense_gradient_is_the_full_weight_gradient():
     holder = nn.Sequential(nn.Linear(48, 32))
     sparsify(holder, density=0.5, block_size=BLOCK)
     layer = holder[0]
-    layer.collect_dense_grad = True
+    layer.collect_dense_gradients(True)
     x = torch.randn(5, 7, 48)
     layer(x).pow(2).sum().backward()
     layer.end_step(None)
     dense_weight = layer.dense_weight().clone().requires_grad_(True)
     torch.nn.functional.linear(x, dense_weight, layer.bias).pow(2).sum().backward()
-    average = layer.dense_grad_average()
+    average = layer.dense_grads.average()
     assert average.dtype == torch.float32 and average.shape == dense_weight.shape
     torch.testing.assert_close(average, dense_weight.grad, rtol=2e-2, atol=2e-2 * dense_weight.grad.abs().max().item())
 
 
 def _fold(layer, steps, beta=None):
     for step in steps:
-        layer.dense_grad_step = step.clone()
-        layer.end_step(beta)
+        layer.dense_grads.add(step.clone(), beta)
 
 
 def test_block_momentum_is_the_collected_gradients_mean_over_their_root_mean_square():
@@ -85,16 +84,16 @@ def test_block_momentum_is_the_collected_gradients_mean_over_their_root_mean_squ
     steps = [torch.full((BLOCK, 2 * BLOCK), 3.0), torch.full((BLOCK, 2 * BLOCK), 1.0)]
     steps[1][0, 0], steps[0][0, 1], steps[1][0, 1] = -3.0, 0.0, 0.0  # position (0,0): +3 then -3; (0,1): never
     _fold(layer, steps)
-    momentum = layer.dense_grad_momentum()
+    momentum = layer.dense_grads.momentum()
     assert momentum[1, 5].item() == pytest.approx(2 / 5**0.5)  # mean 2, mean square (9 + 1) / 2
     assert momentum[0, 0].item() == 0.0 and momentum[0, 1].item() == 0.0  # no consistent direction; no gradient
-    assert layer.dense_grad_momentum("raw")[1, 5].item() == 2.0
-    layer.clear_dense_grad()
+    assert layer.dense_grads.momentum("raw")[1, 5].item() == 2.0
+    layer.clear_dense_gradients()
     _fold(layer, [steps[0] * 1e-6, steps[1] * 1e-6])  # the same gradients at another scale: the same momentum
-    torch.testing.assert_close(layer.dense_grad_momentum(), momentum)
-    layer.clear_dense_grad()
+    torch.testing.assert_close(layer.dense_grads.momentum(), momentum)
+    layer.clear_dense_gradients()
     _fold(layer, steps, beta=0.5)  # exact: running averages, (0.5 * 3 * 0.5 + 0.5 * 1) / sqrt(0.25 * 9 + 0.5 * 1)
-    assert layer.dense_grad_momentum()[1, 5].item() == pytest.approx(1.25 / 2.75**0.5)
+    assert layer.dense_grads.momentum()[1, 5].item() == pytest.approx(1.25 / 2.75**0.5)
 
 
 @pytest.mark.parametrize("scores, grown_back", [("optimizer", [[True, True], [False, False]]),
@@ -167,7 +166,7 @@ def test_every_method_keeps_block_invariants_through_training(method, block_mome
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     controller = SparsityController(model, optimizer, total_steps=30)
     layers = [layer for _, layer in sparse_layers(model)]
-    planned_total = sum(layer.target_nonzeros for layer in layers)
+    planned_total = sum(layer.target_units for layer in layers)
     snapshots = {}
 
     def check(step, stats):
@@ -189,12 +188,12 @@ def test_every_method_keeps_block_invariants_through_training(method, block_mome
         if method != "magnitude":
             assert total == planned_total
         if method in ("rigl", "set", "static"):
-            assert [_blocks(layer) for layer in layers] == [layer.target_nonzeros for layer in layers]
+            assert [_blocks(layer) for layer in layers] == [layer.target_units for layer in layers]
 
     losses = _train(model, "gpt2", optimizer, controller, 30, check)
     assert all(torch.isfinite(torch.tensor(losses)))
     if method == "magnitude":
-        assert [_blocks(layer) for layer in layers] == [layer.target_nonzeros for layer in layers]
+        assert [_blocks(layer) for layer in layers] == [layer.target_units for layer in layers]
     # every 5 of 30 steps; the update at step 30 would prune at rate 0, so only gradual pruning makes it
     assert controller.update_count == {"static": 0, "magnitude": 6}.get(method, 5)
 
@@ -225,8 +224,8 @@ def test_block_checkpoint_round_trip_after_counts_moved(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     controller = SparsityController(model, optimizer, total_steps=40)
     _train(model, "gpt2", optimizer, controller, 13)  # inside a momentum window: steps 11-13 collected so far
-    assert all(layer.dense_grad_steps == 3 for _, layer in sparse_layers(model))
-    assert all(layer.dense_grad_sq_sum is None for _, layer in sparse_layers(model))  # default scores: no squares
+    assert all(layer.dense_grads.dense_grad_steps == 3 for _, layer in sparse_layers(model))
+    assert all(layer.dense_grads.dense_grad_sq_sum is None for _, layer in sparse_layers(model))  # default scores: no squares
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "controller": controller.state_dict()},
                tmp_path / "ckpt.pt")
     expected = _train(model, "gpt2", optimizer, controller, 10)

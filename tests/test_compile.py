@@ -15,7 +15,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 from transformers import TrainerCallback
 
-from sparse_nlp import SparsityController, SparseTrainer, SparsityConfig, sparse_layers, sparsify
+from sparse_nlp import SparseTrainer, SparsityConfig, SparsityController, compile_model, sparse_layers, sparsify
 from sparse_nlp.layers.block import BlockSparseLinear
 from tiny_models import build, example_batch
 from test_recipe import _tiny_flags, text_files, train_lm  # noqa: F401 (text_files: a fixture)
@@ -39,8 +39,18 @@ def _logits_loss(model, batch):
 def fresh_dynamo():
     torch._dynamo.reset()
     counters.clear()
+    static = torch._dynamo.config.force_parameter_static_shapes
     yield
+    torch._dynamo.config.force_parameter_static_shapes = static  # what compile_model changed, for the other tests
     torch._dynamo.reset()
+
+
+def test_building_block_layers_changes_no_process_wide_setting_and_compile_model_makes_the_one_it_needs():
+    torch._dynamo.config.force_parameter_static_shapes = True  # dynamo's default
+    model = _sparse_gpt2(16)
+    assert torch._dynamo.config.force_parameter_static_shapes is True
+    compile_model(model, backend="aot_eager")
+    assert torch._dynamo.config.force_parameter_static_shapes is False
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -59,7 +69,7 @@ def _train(block_size: int, compiled: bool, steps: int = 8) -> dict:
     # One step past the run: the update at its last step prunes at a positive rate, so block layers collect dense
     # gradients at every step (collecting or not is a different graph; real runs have both, here one is enough).
     controller = SparsityController(model, optimizer, total_steps=steps + 1)
-    forward = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    forward = compile_model(model, fullgraph=True, backend="aot_eager") if compiled else model
     run = {"losses": [], "masks": [], "blocks": [], "graphs": [], "updates": 0}
     for step in range(steps):
         loss = _logits_loss(forward, example_batch("gpt2", seed=step))
@@ -92,7 +102,7 @@ def test_inductor_compiles_a_block_layer_that_is_resized():
     torch.manual_seed(0)
     holder = sparsify(nn.Sequential(nn.Linear(48, 32)), density=0.5, block_size=16)
     layer = holder[0]
-    compiled = torch.compile(layer, fullgraph=True)  # Inductor, the default backend
+    compiled = compile_model(layer, fullgraph=True)  # Inductor, the default backend
     for blocks in ([True, False, True, True, False, False], [True, True, False, True, False, True],
                    [False, True, False, False, False, False]):
         layer.set_block_mask(torch.tensor(blocks).view(2, 3))

@@ -31,7 +31,7 @@ def _train(model, optimizer, controller, steps, name="gpt2"):
 
 def test_needs_a_sparsified_model():
     model = build("mlp")
-    with pytest.raises(ValueError, match="call sparse_nlp.model"):
+    with pytest.raises(ValueError, match="call sparse_nlp.sparsify"):
         SparsityController(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
 
 

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sparse_nlp import sparse_layers, sparsify
-from sparse_nlp.export import MLP_LAYOUTS, compact_export
+from sparse_nlp.architectures import MLP_LAYOUTS
+from sparse_nlp.export import compact_export
 from tiny_models import build, example_batch, output_of
 
 

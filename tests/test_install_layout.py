@@ -39,7 +39,7 @@ assert Path(sparse_nlp.kernels.ops.__file__).name == "ops.py"
 
 torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
-sparse_nlp.model(model, density=0.5, block_size=16)
+sparse_nlp.sparsify(model, density=0.5, block_size=16)
 assert any(isinstance(module, BlockSparseLinear) for module in model.modules())
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 controller = sparse_nlp.SparsityController(model, optimizer, total_steps=2)

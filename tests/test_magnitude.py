@@ -27,10 +27,10 @@ def _run(model, steps: int) -> SparsityController:
 
 def test_default_starts_dense_and_initial_density_starts_at_the_planned_counts():
     dense_start = sparsify(build("gpt2"), density=0.1, method="magnitude")
-    assert all(layer.mask.all() and layer.initial_nonzeros is None for _, layer in sparse_layers(dense_start))
+    assert all(layer.mask.all() and layer.initial_units is None for _, layer in sparse_layers(dense_start))
     model = sparsify(build("gpt2"), density=0.1, method="magnitude", initial_density=0.4)
     layers = [layer for _, layer in sparse_layers(model)]
-    assert [layer.nonzeros for layer in layers] == [layer.initial_nonzeros for layer in layers] == plan_nonzeros(
+    assert [layer.nonzeros for layer in layers] == [layer.initial_units for layer in layers] == plan_nonzeros(
         [tuple(layer.mask.shape) for layer in layers], 0.4, "uniform")
     assert all(torch.all(layer.weight[~layer.mask] == 0) for layer in layers)
 
@@ -45,9 +45,9 @@ def test_pruning_from_initial_density_follows_the_cubic_schedule_to_the_target()
         if step % 10 == 0:
             p = step / 100
             for layer in layers:
-                expected = layer.target_nonzeros + (layer.initial_nonzeros - layer.target_nonzeros) * (1 - p) ** 3
+                expected = layer.target_units + (layer.initial_units - layer.target_units) * (1 - p) ** 3
                 assert layer.nonzeros == round(expected), f"step {step}"
-    assert [layer.nonzeros for layer in layers] == [layer.target_nonzeros for layer in layers]
+    assert [layer.nonzeros for layer in layers] == [layer.target_units for layer in layers]
 
 
 def test_split_fused_projections_end_where_the_dense_start_ends():

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from sparse_nlp.lm.plots import INSTALL_HINT, is_attention_layer, write_training_plot
+from sparse_nlp.architectures import is_attention_layer
+from sparse_nlp.lm.plots import INSTALL_HINT, write_training_plot
 from sparse_nlp.lm.reporting import RunResult
 
 LAYERS = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",

@@ -7,11 +7,16 @@ uses T + k at a weight k steps after its regrowth.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
-from sparse_nlp import SparsityController, sparse_layers, sparsify
+from sparse_nlp import SparsityConfig, SparsityController, sparse_layers, sparsify
+from sparse_nlp.methods import get_method
+from sparse_nlp.parallel.ddp import Replicas
+from sparse_nlp.topology.context import UpdateContext
 from sparse_nlp.topology.optimizer_state import SCALE_SLOTS
 
 BETA1, BETA2 = 0.9, 0.999
@@ -146,7 +151,12 @@ def test_new_blocks_step_like_a_fresh_parameter_when_their_scale_comes_from_the_
     layer, optimizer, gradient, blocks = _block_layer_at_step_T()
     old = layer.block_mask.clone()
     new_mask = ~old  # every live block out, every absent one in
-    new = layer.set_block_mask(new_mask, optimizer, regrown_scale=gradient**2 if fresh else None)
+    # one collected step of gradient g: its mean square is g^2, what "fresh" fills the new blocks' scale from
+    layer.dense_grads.add(gradient.clone(), ema_beta=None, squares=True)
+    config = SparsityConfig(block_size=BLOCK, regrown_state="fresh" if fresh else "reset")
+    context = UpdateContext(optimizer, get_method(config.method), config, torch.Generator(), Replicas())
+    layer.apply_update(SimpleNamespace(mask=new_mask), torch.empty(0, dtype=torch.long), context)
+    new = new_mask.view(-1).nonzero().squeeze(1)  # every live block is new, in grid order
     assert sorted(new.tolist()) == sorted(new_mask.view(-1).nonzero().squeeze(1).tolist())
     state = optimizer.state[layer.values]
     assert torch.all(state["exp_avg"] == 0)

@@ -42,7 +42,7 @@ def test_density_is_exact_overall_and_per_layer(name, distribution, init):
     total = sum(l.mask.numel() for _, l in layers)
     assert sum(planned) == round(0.2 * total)
     for _, layer in layers:
-        assert layer.target_nonzeros == layer.nonzeros
+        assert layer.target_units == layer.nonzeros
         assert int((layer.weight != 0).sum()) <= layer.nonzeros  # masked weights are exactly zero
         assert torch.all(layer.weight[~layer.mask] == 0)
         if distribution == "uniform":

@@ -20,7 +20,7 @@ def _assert_invariants(model, density):
     for name, layer in layers:
         assert torch.all(layer.weight[~layer.mask] == 0), f"{name}: masked weights are not zero"
     total = sum(layer.mask.numel() for _, layer in layers)
-    assert sum(layer.nonzeros for _, layer in layers) == sum(layer.target_nonzeros for _, layer in layers)
+    assert sum(layer.nonzeros for _, layer in layers) == sum(layer.target_units for _, layer in layers)
     assert abs(sum(layer.nonzeros for _, layer in layers) / total - density) < 1 / len(layers) / 100 + 1e-3
 
 

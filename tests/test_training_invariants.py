@@ -24,7 +24,7 @@ def _train_and_check(name: str, method: str, optimizer_name: str):
         optimizer = torch.optim.Adagrad(params, lr=1e-2)  # keeps no momentum: the controller averages gradients
     controller = SparsityController(model, optimizer, total_steps=STEPS)
     layers = [layer for _, layer in sparse_layers(model)]
-    total_planned = sum(layer.target_nonzeros for layer in layers)
+    total_planned = sum(layer.target_units for layer in layers)
     batch = example_batch(name)
     updates = 0
     for step in range(1, STEPS + 1):
@@ -50,11 +50,11 @@ def _train_and_check(name: str, method: str, optimizer_name: str):
         if method != "magnitude":
             assert sum(nonzeros) == total_planned, f"step {step}: total drifted"
         if method in ("rigl", "set", "static"):
-            assert nonzeros == [layer.target_nonzeros for layer in layers]
+            assert nonzeros == [layer.target_units for layer in layers]
         optimizer.zero_grad()
         assert math.isfinite(loss.item())
     if method == "magnitude":  # gradual pruning ends exactly at the planned per-layer targets
-        assert [layer.nonzeros for layer in layers] == [layer.target_nonzeros for layer in layers]
+        assert [layer.nonzeros for layer in layers] == [layer.target_units for layer in layers]
     # every 20 steps; the one at step 200 would prune at rate 0 (cosine's end), so only gradual pruning makes it
     assert updates == {"static": 0, "magnitude": STEPS // 20}.get(method, STEPS // 20 - 1)
     return controller

@@ -21,10 +21,11 @@ import re
 from typing import Sequence
 
 from sparse_nlp.config import DENSE
-from sparse_nlp.lm.plots import INSTALL_HINT, plot_densities, is_attention_layer
+from sparse_nlp.architectures import is_attention_layer
+from sparse_nlp.lm.plots import INSTALL_HINT, plot_densities
 
 from study.curve_plot import CURVES_FILE, write_validation_curves
-from study.grid import SMALL_DENSE, StudyResult
+from study.grid import StudyResult
 from study.tables import StudyGroup, aggregate
 
 PLOT_FILES = ("study_perplexity.png", "study_layer_density.png", "study_speed.png")

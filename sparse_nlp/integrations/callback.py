@@ -60,7 +60,7 @@ class SparsityCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
         # (FSDP2: the model is sharded by now; the controller refuses FSDP1 and block layers under FSDP in one line.)
         self.controller = SparsityController(model, optimizer, self.config, total_steps=state.max_steps)
-        if self.controller.block_layers and is_distributed() and not self.syncs_block_grads:
+        if self.controller.resizes_parameters and is_distributed() and not self.syncs_block_grads:
             raise ValueError(
                 "block-sparse layers on several processes need SparseTrainer (it keeps DDP off their resizable "
                 "values and averages their gradients itself); use SparseTrainer instead of Trainer + SparsityCallback."

@@ -34,13 +34,18 @@ from safetensors import safe_open
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from sparse_nlp.layers.block import BlockSparseLinear
 from sparse_nlp.integrations.callback import CONTROLLER_FILE, SparsityCallback
 from sparse_nlp.parallel.clipping import clip_active_grad_norm_, supports_active_clipping
 from sparse_nlp.config import DENSE, SparsityConfig
 from sparse_nlp.integrations.console import hide_layer_densities
 from sparse_nlp.controller import SparsityController
-from sparse_nlp.parallel.ddp import NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp
+from sparse_nlp.parallel.ddp import (
+    NO_FORWARD_BUFFER_SYNC,
+    all_reduce_block_grads,
+    block_values_names,
+    ignore_block_values_in_ddp,
+)
+from sparse_nlp.compile_support import let_dynamo_resize_parameters
 from sparse_nlp.parallel.fsdp import BLOCK_LAYERS_REFUSAL, DEEPSPEED_REFUSAL, FSDP1_REFUSAL
 from sparse_nlp.model import CONFIG_ATTRIBUTE, sparse_layers, sparsify
 
@@ -58,6 +63,8 @@ class SparseTrainer(Trainer):
         sparse = config.method != DENSE
         # DDP (wrapped at train time) must skip the block values; their gradients are averaged in training_step.
         self._block_values = ignore_block_values_in_ddp(model) if sparse else []
+        if self._block_values and args is not None and args.torch_compile:
+            let_dynamo_resize_parameters()  # compilation asked for: one graph through every topology update
         super().__init__(model, args, *trainer_args, **kwargs)
         self.sparsity_callback: Optional[SparsityCallback] = None
         if not sparse:
@@ -67,7 +74,7 @@ class SparseTrainer(Trainer):
         if self.is_fsdp_enabled:
             if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
                 raise ValueError(FSDP1_REFUSAL)
-            if any(isinstance(layer, BlockSparseLinear) for _, layer in sparse_layers(model)):
+            if any(layer.resizable_parameters for _, layer in sparse_layers(model)):
                 raise ValueError(BLOCK_LAYERS_REFUSAL)
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SparsityCallback)]
         self.sparsity_callback = found[0] if found else SparsityCallback(config)
@@ -147,7 +154,7 @@ def _resolve_config(model, given: Optional[SparsityConfig]) -> SparsityConfig:
         if stored is None and not sparse_layers(model):
             raise ValueError(
                 "no sparsity settings: pass sparsity_config=SparsityConfig(...) (method='dense' for a dense run) "
-                "or a model made by sparse_nlp.model()."
+                "or a model made by sparse_nlp.sparsify()."
             )
         return stored
     if sparse_layers(model):
@@ -202,7 +209,7 @@ def check_checkpoint(model: torch.nn.Module, folder: str, config: SparsityConfig
         return  # not a safetensors checkpoint (e.g. DeepSpeed/FSDP): the Trainer's own loading checks it
     ours = model.state_dict()
     ours_sparse, theirs_sparse = (any(k.endswith((".mask", ".block_mask")) for k in keys) for keys in (ours, theirs))
-    resizable = {f"{name}.values" for name, layer in sparse_layers(model) if isinstance(layer, BlockSparseLinear)}
+    resizable = set(block_values_names(model))
     if ours_sparse != theirs_sparse:
         what, this = ("a sparse", "dense") if theirs_sparse else ("a dense", "sparse")
         raise ValueError(f"checkpoint {folder} is from {what} run but this run is {this}; resume with the same --method.")

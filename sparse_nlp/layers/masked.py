@@ -13,14 +13,18 @@ after every optimizer step, so the optimizer's updates there never leak into the
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_nlp.parallel.fsdp import is_sharded, local, local_part, shard_like, whole
-from sparse_nlp.layers.base import LINEAR_TYPES, stores_in_out
+from sparse_nlp.layers.base import LINEAR_TYPES, SparseLayer, stores_in_out
+from sparse_nlp.methods.base import LayerState
+from sparse_nlp.parallel.fsdp import is_sharded, local, local_part, positions_mask, shard_like, whole
+
+if TYPE_CHECKING:
+    from sparse_nlp.topology.context import UpdateContext
 
 
 class _StraightThroughMask(torch.autograd.Function):
@@ -46,8 +50,9 @@ def masked_linear(
     return F.linear(x, w.t() if stores_in_out else w, bias)
 
 
-class SparseLinear(nn.Module):
-    def __init__(self, base_layer: nn.Module, mask: torch.Tensor):
+class SparseLinear(SparseLayer):
+    def __init__(self, base_layer: nn.Module, mask: torch.Tensor, *, target_units: Optional[int] = None,
+                 initial_units: Optional[int] = None):
         super().__init__()
         if not isinstance(base_layer, LINEAR_TYPES):
             raise TypeError(f"SparseLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}.")
@@ -56,6 +61,8 @@ class SparseLinear(nn.Module):
         self.base_layer = base_layer
         self.stores_in_out = stores_in_out(base_layer)  # Conv1D: [in, out]
         self.register_buffer("mask", mask.to(device=base_layer.weight.device, dtype=torch.bool))
+        self.target_units = int(self.mask.sum()) if target_units is None else target_units  # weights
+        self.initial_units = initial_units  # gradual pruning's start (None: every weight)
         self.apply_mask()
 
     @property
@@ -80,14 +87,13 @@ class SparseLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     @property
-    def nonzeros(self) -> int:
+    def active_units(self) -> int:
         if is_sharded(self.mask):  # counted when the mask last changed: a sum here would be a collective
             return self._sharded_nonzeros
         return int(self.mask.sum())
 
-    @property
-    def density(self) -> float:
-        return self.nonzeros / self.mask.numel()
+    def compute_path(self) -> str:
+        return "masked dense"
 
     @torch.no_grad()
     def apply_mask(self) -> None:
@@ -121,6 +127,45 @@ class SparseLinear(nn.Module):
             self._sharded_nonzeros = int(mask.sum())
         elif mask is not self.mask:
             self.mask.copy_(mask)
+
+    # ---- topology updates ----------------------------------------------------------------------------------------
+    def layer_state(self, name: str, context: "UpdateContext") -> LayerState:
+        """The layer's own mask (updated in place), or under FSDP2 whole copies gathered when a method reads them."""
+        gradient = None
+        if context.method.needs_gradient:
+            gradient = self.weight.grad
+            if gradient is None:
+                raise ValueError(
+                    f"method {context.config.method!r} grows by gradient but {name} has none: call controller.step() "
+                    "after optimizer.step() and before optimizer.zero_grad()."
+                )
+        momentum = context.momentum.read if context.method.needs_momentum else None
+        if is_sharded(self.mask):  # each tensor gathered at its first read; apply_update writes the shards back
+            return LayerState(
+                name, lambda: whole(self.weight.data).abs(), self.whole_mask(), self.target_units, context.generator,
+                momentum=(lambda: whole(momentum())) if momentum is not None else None,
+                gradient=(lambda: whole(gradient)) if gradient is not None else None, initial_units=self.initial_units)
+        return LayerState(name, lambda: self.weight.detach().abs(), self.mask, self.target_units, context.generator,
+                          momentum=momentum, gradient=gradient, initial_units=self.initial_units)
+
+    @torch.no_grad()
+    def apply_update(self, state: LayerState, grown: torch.Tensor, context: "UpdateContext") -> None:
+        """Grown weights start at 0 with fresh optimizer slots (``regrown_state``); then rank 0's mask wins (DDP,
+        FSDP2), and where it differed from this rank's the slots restart too. Under FSDP2 each rank writes its
+        shard of the whole new mask."""
+        restart = [grown] if context.reset_regrown else []
+        weight = self.weight.data
+        if is_sharded(self.mask):
+            restart += context.replicas.agree_on([state.mask])
+            self.write_mask(state.mask)
+            local(weight).masked_fill_(local_part(positions_mask(grown, weight), weight), 0)
+        else:  # state.mask is this layer's own mask, already updated in place
+            weight.view(-1)[grown] = 0  # a weight regrown where it was just pruned starts from 0 too
+            if context.reset_regrown:
+                context.momentum.reset(grown, keep_scale=context.keep_scale)
+            restart = context.replicas.agree_on([self.mask])
+        for positions in restart:
+            context.momentum.reset(positions, keep_scale=context.keep_scale)
 
     def recount(self) -> None:
         """Under FSDP2, recount the active weights after the mask was loaded from a checkpoint."""

@@ -10,18 +10,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from sparse_nlp.architectures import is_attention_layer
 from sparse_nlp.integrations.console import short_layer_names
 from sparse_nlp.lm.reporting import RunResult
 
 INSTALL_HINT = 'pip install -e ".[plot]"'  # or: pip install matplotlib
-ATTENTION_PARTS = ("attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")  # and "*attn*"
-
-
-def is_attention_layer(name: str) -> bool:
-    """Attention projection (True) or MLP / other linear layer (False), judged by the layer's name."""
-    return any("attn" in part or part in ATTENTION_PARTS for part in name.lower().split("."))
-
-
 def write_training_plot(results: Sequence[RunResult], path: str) -> str:
     """Left: training loss vs step, one line per run. Right: per-layer density vs step of each sparse run
     (attention layers solid blue, MLP layers dashed orange; darker = deeper). Returns ``path``."""

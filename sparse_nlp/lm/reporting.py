@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparse_nlp.integrations.console import short_layer_names
-from sparse_nlp.model import sparse_layers
+from sparse_nlp.layers.base import overall_density, sparse_layers
 
 
 @dataclass
@@ -129,30 +129,23 @@ def format_duration(seconds: float) -> str:
 @torch.no_grad()
 def linear_density(model: nn.Module) -> float:
     """Density of the sparse layers (1.0 for a model without any)."""
-    layers = sparse_layers(model)
-    if not layers:
-        return 1.0
-    return sum(layer.nonzeros for _, layer in layers) / sum(l.weight_shape[0] * l.weight_shape[1] for _, l in layers)
+    return overall_density(sparse_layers(model))
 
 
 def describe_compute_path(model: nn.Module) -> str:
     """How the linear layers compute, e.g. "dense", "masked dense", "block 64: torch x14, dense x2".
 
     Block-sparse layers name the kernel backend each one dispatches to at its current density and device
-    (triton on GPU; on CPU the blocked torch path, or masked dense above the measured break-even density).
+    (triton on GPU; on CPU the native or blocked torch path, or masked dense above the measured break-even density).
     """
-    from sparse_nlp.layers.block import BlockSparseLinear
-    from sparse_nlp.kernels import resolve_backend
-
     layers = [layer for _, layer in sparse_layers(model)]
     if not layers:
         return "dense"
-    blocks = [layer for layer in layers if isinstance(layer, BlockSparseLinear)]
-    if not blocks:
-        return "masked dense"
     counts: dict[str, int] = {}
-    for layer in blocks:
-        backend = resolve_backend(None, layer.values.device, layer.layout, layer.values.dtype)
-        counts[backend] = counts.get(backend, 0) + 1
+    for layer in layers:
+        path = layer.compute_path()
+        counts[path] = counts.get(path, 0) + 1
+    if list(counts) == ["masked dense"]:
+        return "masked dense"
     usage = ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda item: -item[1]))
-    return f"block {blocks[0].block_size}: {usage}"
+    return f"block {layers[0].unit_size ** 0.5:.0f}: {usage}"

@@ -1,8 +1,9 @@
 """The one topology update every method shares, and the strategy interface methods fill in.
 
 A topology update, per layer: prune the ``plan.prune`` active weights with the lowest prune score, then grow
-``plan.grow`` weights at the absent positions (just-pruned ones included) with the highest grow score. Pruned and
-grown weights are set to exactly 0, so a grown weight starts at 0. Methods differ only in their scores and in how
+``plan.grow`` weights at the absent positions (just-pruned ones included) with the highest grow score. The layer
+then writes the new mask (``SparseLayer.apply_update``): pruned weights become exactly 0, and a grown weight starts
+at 0. Methods differ only in their scores and in how
 many weights each layer prunes and grows (their ``plan``), as in RigL's ``generic_mask_update``.
 
 Selection is by index over the candidate set, so the counts are always exact and a NaN or infinite score can
@@ -12,26 +13,61 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 
 
-@dataclass
-class LayerState:
-    """What a method may look at for one layer. Tensors share the layer's stored layout ([out,in] or [in,out])."""
+Tensor = torch.Tensor
+Lazy = Union[Tensor, Callable[[], Optional[Tensor]], None]
 
-    name: str
-    weight: torch.Tensor
-    mask: torch.Tensor  # bool
-    momentum: Optional[torch.Tensor]  # set when the method needs_momentum
-    gradient: Optional[torch.Tensor]  # set when the method needs_gradient
-    target_nonzeros: int  # the layer's planned final number of active weights
-    generator: torch.Generator  # CPU generator for random choices (same seed on every rank)
-    initial_nonzeros: Optional[int] = None  # where gradual pruning starts (sparsify's initial_density); None: numel
+
+class LayerState:
+    """What a method may look at for one layer (or one q/k/v unit of a fused layer), over its topology units: single
+    weights in the layer's stored layout ([out, in] or [in, out]), or blocks over its [out/b, in/b] grid.
+
+    - ``magnitude``: |w| per unit (a block's mean |w|); ``mask`` (bool): which units are active, updated in place;
+    - ``momentum`` / ``gradient``: per unit, set when the method ``needs_momentum`` / ``needs_gradient``;
+    - ``target_units``: the planned final number of active units; ``initial_units``: where gradual pruning starts
+      (None: every unit); ``generator``: a CPU generator for random choices (the same seed on every rank).
+
+    ``magnitude``, ``momentum`` and ``gradient`` may be given as functions, called at the first read (FSDP2 gathers
+    a sharded layer's tensors then, and only those the method reads); ``release()`` drops what was read.
+    """
+
+    def __init__(self, name: str, magnitude: Lazy, mask: Tensor, target_units: int, generator: torch.Generator, *,
+                 momentum: Lazy = None, gradient: Lazy = None, initial_units: Optional[int] = None):
+        self.name, self.mask, self.generator = name, mask, generator
+        self.target_units, self.initial_units = target_units, initial_units
+        self._sources = {"magnitude": magnitude, "momentum": momentum, "gradient": gradient}
+        self._read: dict[str, Optional[Tensor]] = {}
+
+    def _get(self, field: str) -> Optional[Tensor]:
+        if field not in self._read:
+            source = self._sources[field]
+            self._read[field] = source() if callable(source) else source
+        return self._read[field]
+
+    @property
+    def magnitude(self) -> Tensor:
+        return self._get("magnitude")
+
+    @property
+    def momentum(self) -> Optional[Tensor]:
+        return self._get("momentum")
+
+    @property
+    def gradient(self) -> Optional[Tensor]:
+        return self._get("gradient")
+
+    def release(self) -> None:
+        """Drop the tensors read so far (the mask stays): the layer's update is written."""
+        self._read.clear()
+        self._sources = {field: None for field in self._sources}
 
     @property
     def nonzeros(self) -> int:
+        """Active units."""
         return int(self.mask.sum())
 
     @property
@@ -72,7 +108,7 @@ class TopologyMethod:
 
     def prune_scores(self, layer: LayerState) -> torch.Tensor:
         """Lowest scores are pruned first. Default: weight magnitude."""
-        return layer.weight.abs()
+        return layer.magnitude
 
     def grow_scores(self, layer: LayerState) -> torch.Tensor:
         """Highest scores among absent positions are grown first."""
@@ -92,15 +128,14 @@ def _lowest(candidates: torch.Tensor, scores: torch.Tensor, count: int, descendi
 def update_layer_topology(
     layer: LayerState, plan: LayerPlan, prune_scores: torch.Tensor, grow_scores: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """Prune then grow in place (mask and weight). Returns the flat indices of the grown positions."""
-    mask, weight = layer.mask.view(-1), layer.weight.view(-1)
+    """Prune then grow in place (the mask). Returns the flat indices of the grown positions."""
+    mask = layer.mask.view(-1)
     active = mask.nonzero().squeeze(1)
     if plan.prune > active.numel():
         raise ValueError(f"{layer.name}: cannot prune {plan.prune} of {active.numel()} active weights.")
     # NaN prune scores rank lowest: a NaN weight is the first to go.
     pruned = _lowest(active, prune_scores, plan.prune, descending=False)
     mask[pruned] = False
-    weight[pruned] = 0
     absent = (~mask).nonzero().squeeze(1)
     if plan.grow > absent.numel():
         raise ValueError(f"{layer.name}: cannot grow {plan.grow} weights into {absent.numel()} free positions.")
@@ -109,5 +144,4 @@ def update_layer_topology(
     # NaN grow scores rank lowest: they are grown only when nothing else is left.
     grown = _lowest(absent, grow_scores, plan.grow, descending=True) if plan.grow else absent[:0]
     mask[grown] = True
-    weight[grown] = 0
     return grown

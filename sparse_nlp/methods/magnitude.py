@@ -13,8 +13,8 @@ from sparse_nlp.methods.base import LayerPlan, LayerState, TopologyMethod
 
 def scheduled_nonzeros(layer: LayerState, progress: float) -> int:
     p = min(max(progress, 0.0), 1.0)
-    start = layer.numel if layer.initial_nonzeros is None else layer.initial_nonzeros
-    return round(layer.target_nonzeros + (start - layer.target_nonzeros) * (1.0 - p) ** 3)
+    start = layer.numel if layer.initial_units is None else layer.initial_units
+    return round(layer.target_units + (start - layer.target_units) * (1.0 - p) ** 3)
 
 
 class GradualMagnitude(TopologyMethod):

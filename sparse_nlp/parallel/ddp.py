@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from sparse_nlp.layers.base import SparseLayer
+
 # torch 2.13 deprecated DDP's broadcast_buffers (a FutureWarning on every rank) for forward_sync_buffers, its
 # per-forward half: with it off, DDP still copies rank 0's buffers once when it wraps the model, which for the masks
 # only confirms what the controller guarantees. Older torch has only broadcast_buffers, which skips that copy too.
@@ -49,19 +51,25 @@ def broadcast_masks(masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return changed
 
 
-def block_values_names(model: torch.nn.Module) -> list[str]:
-    """Names of the block-sparse layers' ``values``: they change size at topology updates, so DDP must skip them."""
-    from sparse_nlp.layers.block import BlockSparseLinear  # here: block_layers sits above this module
+def _resizable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every sparse layer's parameter that changes size at topology updates (block values)."""
+    return [(f"{name}.{attribute}" if name else attribute, getattr(module, attribute))
+            for name, module in model.named_modules() if isinstance(module, SparseLayer)
+            for attribute in module.resizable_parameters]
 
-    return [f"{name}.values" if name else "values" for name, module in model.named_modules()
-            if isinstance(module, BlockSparseLinear)]
+
+def block_values_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that change size at topology updates (block layers' ``values``): DDP must skip them."""
+    return [name for name, _ in _resizable(model)]
 
 
 def ignore_block_values_in_ddp(model: torch.nn.Module) -> list[str]:
     """Call before DDP wraps ``model``: DDP leaves the block ``values`` alone; sync them with ``all_reduce_block_grads``."""
     names = block_values_names(model)
-    already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", None) or [])
-    model._ddp_params_and_buffers_to_ignore = already + [name for name in names if name not in already]
+    if names:  # torch's own entry point for it (documented in DDP's source); it replaces any earlier list: extend it
+        already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", None) or [])
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, already + [name for name in names if name not in already])
     return names
 
 
@@ -87,11 +95,8 @@ def all_reduce_block_grads(model: torch.nn.Module) -> None:
     """
     if not is_distributed():
         return
-    from sparse_nlp.layers.block import BlockSparseLinear  # here: block_layers sits above this module
-
-    # Every training step under DDP: one walk over the modules, no name lookups.
-    _average_in_place([m.values.grad for m in model.modules()
-                       if isinstance(m, BlockSparseLinear) and m.values.grad is not None])
+    # Every training step under DDP: one walk over the modules.
+    _average_in_place([param.grad for _, param in _resizable(model) if param.grad is not None])
 
 
 @torch.no_grad()
@@ -99,15 +104,18 @@ def all_reduce_dense_grads(layers: Sequence[torch.nn.Module]) -> None:
     """Average over ranks the dense gradient each block layer collected in this optimizer step."""
     if not is_distributed():
         return
-    _average_in_place([layer.dense_grad_step for layer in layers if layer.dense_grad_step is not None])
+    _average_in_place([step for layer in layers if (step := layer.dense_gradient_step()) is not None])
 
 
 @torch.no_grad()
 def check_block_values_agree(layers: Sequence[tuple[str, torch.nn.Module]]) -> None:
-    """Raise a one-line error if a block layer's values differ across ranks (their gradients were not synced)."""
+    """Raise a one-line error if a layer's resizable parameters (block values, which DDP skips) differ across ranks
+    (their gradients were not synced)."""
+    layers = [(name, layer) for name, layer in layers if layer.resizable_parameters]
     if not is_distributed() or not layers:
         return
-    sums = torch.stack([layer.values.detach().double().sum() for _, layer in layers])
+    sums = torch.stack([sum(getattr(layer, attribute).detach().double().sum() for attribute in layer.resizable_parameters)
+                        for _, layer in layers])
     low, high = sums.clone(), sums.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -118,3 +126,24 @@ def check_block_values_agree(layers: Sequence[tuple[str, torch.nn.Module]]) -> N
             "sparse_nlp.parallel.ddp.ignore_block_values_in_ddp(model) before wrapping it in DDP and "
             "all_reduce_block_grads(model) after each synchronising backward (SparseTrainer does both)."
         )
+
+
+class Replicas:
+    """What the ranks of a DDP run do to stay one model through a topology update; in one process, nothing.
+
+    Every input of an update is the same on every rank, so the masks agree by construction; each layer's new mask is
+    still overwritten with rank 0's (``agree_on``), so that a rank that drifted is pulled back instead of silently
+    diverging, and the positions that changed here are returned for their optimizer state to restart.
+    """
+
+    def agree_on(self, masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Overwrite each mask with rank 0's; per mask, the flat positions that changed on this rank (none alone)."""
+        if not is_distributed():
+            return [mask.new_zeros(0, dtype=torch.long) for mask in masks]
+        return broadcast_masks(masks)
+
+    def average_dense_gradients(self, layers: Sequence[torch.nn.Module]) -> None:
+        all_reduce_dense_grads(layers)
+
+    def check_values_agree(self, layers: Sequence[tuple[str, torch.nn.Module]]) -> None:
+        check_block_values_agree(layers)

@@ -11,7 +11,8 @@ rows of its own weight rows, so the masked weights are exactly zero on every sha
   weights is real.
 - Topology update (every ``update_interval`` steps): prune, redistribution and growth need a whole layer (top-k over
   its weights and momentum), so the controller gathers each sparse layer's mask, and its weight, momentum (and
-  gradient, for RigL) when the method reads them (``GatheredLayerState``), decides on every rank from the same gathered bytes, takes rank 0's decision (one broadcast of the whole
+  gradient, for RigL) when the method reads them (``SparseLinear.layer_state``: a ``LayerState`` whose tensors are
+  gathered at first read), decides on every rank from the same gathered bytes, takes rank 0's decision (one broadcast of the whole
   mask, as under DDP), and every rank writes its own shard back: mask rows, zeros at grown positions, optimizer state
   reset at grown positions.
 - Every collective here is called on every rank (topology updates, checkpoints, clipping); a count shown in logs
@@ -21,8 +22,6 @@ rows of its own weight rows, so the masked weights are exactly zero on every sha
 from __future__ import annotations
 
 import torch
-
-from sparse_nlp.methods.base import LayerState
 
 try:  # torch.distributed can be absent from a build (some macOS wheels)
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -92,7 +91,10 @@ BLOCK_LAYERS_REFUSAL = (
 
 
 def check_sharded_training(model: torch.nn.Module, has_block_layers: bool) -> None:
-    """Raise the one-line refusal if ``model`` is wrapped in a way sparse training cannot follow."""
+    """Raise the one-line refusal if ``model`` is wrapped in a way sparse training cannot follow.
+
+    ``has_block_layers``: some sparse layer has parameters that resize at updates (``resizable_parameters``).
+    """
     from torch.distributed.fsdp import FullyShardedDataParallel  # FSDP1
 
     if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
@@ -111,34 +113,3 @@ def whole_state_dict(model: torch.nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-
-
-class GatheredLayerState(LayerState):
-    """A ``LayerState`` of an FSDP2-sharded layer whose weight, momentum and gradient are gathered on first use.
-
-    The mask (1 byte per weight) is gathered at once; the float tensors only when a method reads them, and
-    ``release()`` drops them once the layer's update is written back. Sparse momentum's plan reads every layer's
-    momentum (4 bytes per weight), its prune and grow scores one layer's weight at a time; RigL's plan reads masks
-    only. Every rank reads the same tensors in the same order (the same code on the same gathered bytes), so the
-    all-gathers match up.
-    """
-
-    def __init__(self, name: str, mask: torch.Tensor, sources: dict, target_nonzeros: int, generator,
-                 initial_nonzeros=None):
-        self.name, self.mask, self.target_nonzeros, self.generator = name, mask, target_nonzeros, generator
-        self.initial_nonzeros = initial_nonzeros
-        self._sources = sources  # field -> a function returning the sharded tensor (or None)
-        self._gathered: dict = {}
-
-    def _get(self, field: str):
-        if field not in self._gathered:
-            source = self._sources[field]()
-            self._gathered[field] = whole(source) if source is not None else None
-        return self._gathered[field]
-
-    weight = property(lambda self: self._get("weight"))
-    momentum = property(lambda self: self._get("momentum"))
-    gradient = property(lambda self: self._get("gradient"))
-
-    def release(self) -> None:
-        self._gathered.clear()

@@ -22,9 +22,15 @@ from __future__ import annotations
 
 import torch
 
-from sparse_nlp.layers.block import BlockSparseLinear, pool_blocks
-from sparse_nlp.methods import LayerState, TopologyMethod
+from typing import TYPE_CHECKING
+
+from sparse_nlp.layers.block import pool_blocks
+from sparse_nlp.methods.base import LayerState
+from sparse_nlp.topology.context import UpdateContext
 from sparse_nlp.topology.optimizer_state import optimizer_momentum
+
+if TYPE_CHECKING:
+    from sparse_nlp.layers.block import BlockSparseLinear
 
 
 def _live_block_means(values: torch.Tensor) -> torch.Tensor:
@@ -32,22 +38,16 @@ def _live_block_means(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def block_layer_state(
-    name: str,
-    layer: BlockSparseLinear,
-    optimizer: torch.optim.Optimizer,
-    method: TopologyMethod,
-    generator: torch.Generator,
-    adam: str = "normalized",
-    scores: str = "optimizer",
-) -> LayerState:
+def block_layer_state(name: str, layer: "BlockSparseLinear", context: UpdateContext) -> LayerState:
+    """The layer's state over its block grid: a copy (the controller's update moves the blocks afterwards)."""
+    method, adam, scores = context.method, context.config.adam_momentum, context.config.block_scores
     grid = layer.block_mask.shape
     live = layer.block_mask.view(-1).nonzero().squeeze(1)
     magnitude = torch.zeros(layer.block_mask.numel(), device=live.device)
     magnitude[live] = _live_block_means(layer.values)
     momentum = gradient = None
     if method.needs_gradient:
-        average = layer.dense_grad_average()
+        average = layer.dense_grads.average()
         if average is None:
             raise ValueError(
                 f"{name}: no dense gradient was collected before this update; with block_size > 1 call "
@@ -55,24 +55,16 @@ def block_layer_state(
             )
         gradient = pool_blocks(average, layer.block_size)
     if method.needs_momentum:
-        collected = layer.dense_grad_momentum(adam) if scores == "collected" else None
+        collected = layer.dense_grads.momentum(adam) if scores == "collected" else None
         if collected is not None:  # every block on one scale, live and absent
             momentum = pool_blocks(collected, layer.block_size)
         else:  # live blocks from the optimizer, absent ones from the collected mean gradient (0 if none)
-            average = layer.dense_grad_average()
+            average = layer.dense_grads.average()
             momentum = (pool_blocks(average, layer.block_size).view(-1) if average is not None
                         else torch.zeros_like(magnitude))
-            live_momentum = optimizer_momentum(optimizer.state.get(layer.values, {}), adam)
+            live_momentum = optimizer_momentum(context.optimizer.state.get(layer.values, {}), adam)
             if live_momentum is not None:
                 momentum[live] = _live_block_means(live_momentum)
             momentum = momentum.view(grid)
-    return LayerState(
-        name=name,
-        weight=magnitude.view(grid),
-        mask=layer.block_mask.clone(),
-        momentum=momentum,
-        gradient=gradient,
-        target_nonzeros=layer.target_nonzeros,
-        generator=generator,
-        initial_nonzeros=getattr(layer, "initial_nonzeros", None),
-    )
+    return LayerState(name, magnitude.view(grid), layer.block_mask.clone(), layer.target_units, context.generator,
+                      momentum=momentum, gradient=gradient, initial_units=layer.initial_units)

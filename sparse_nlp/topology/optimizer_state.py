@@ -74,6 +74,54 @@ def scale_slots_from_gradients(
     return slots
 
 
+def gather_rows(old: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Rows ``old[source]``, with zeros where ``source`` is -1 (a block that is new)."""
+    survives = source >= 0
+    new = old.new_zeros((source.numel(), *old.shape[1:]))
+    new[survives] = old[source[survives]]
+    return new
+
+
+@torch.no_grad()
+def remap_rows(
+    optimizer: Optional[torch.optim.Optimizer], param: torch.nn.Parameter, source: torch.Tensor, old_rows: int
+) -> None:
+    """After ``param`` (a block layer's live blocks) was resized: every slot that had its old shape ([old_rows, ...])
+    follows it, row i of the new slot being old row ``source[i]`` (-1: a new block, whose slots start at 0)."""
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    old_shape = (old_rows, *param.shape[1:])
+    for key, value in list(state.items()):
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == old_shape:
+            state[key] = gather_rows(value, source)
+
+
+@torch.no_grad()
+def fill_scale_rows(
+    optimizer: Optional[torch.optim.Optimizer], param: torch.nn.Parameter, rows: torch.Tensor,
+    mean_square: torch.Tensor,
+) -> None:
+    """Give the new ``rows`` of ``param`` the gradient-scale slots of a fresh weight whose gradients have this mean
+    square (``scale_slots_from_gradients``; ``regrown_state="fresh"`` for block layers)."""
+    if optimizer is None:
+        return
+    state = optimizer.state.get(param, {})
+    for key, value in scale_slots_from_gradients(optimizer, param, mean_square).items():
+        state[key][rows] = value
+
+
+class LayerMomentum:
+    """One layer's view of a ``MomentumTracker``: read its momentum, zero its optimizer slots at positions."""
+
+    def __init__(self, tracker: "MomentumTracker", index: int):
+        self.tracker, self.index = tracker, index
+
+    def read(self) -> torch.Tensor:
+        return self.tracker.momentum(self.index)
+
+    def reset(self, flat_positions: torch.Tensor, keep_scale: bool = False) -> None:
+        self.tracker.reset(self.index, flat_positions, keep_scale)
+
+
 class MomentumTracker:
     """Momentum per parameter: the optimizer's own where it has one, else a gradient average kept here."""
 
@@ -90,15 +138,18 @@ class MomentumTracker:
     def _needs_own_average(self, param: torch.nn.Parameter) -> bool:
         return optimizer_momentum(self.optimizer.state.get(param, {})) is None
 
+    def of(self, index: int) -> LayerMomentum:
+        return LayerMomentum(self, index)
+
     @torch.no_grad()
-    def observe(self, skip: Iterable[torch.nn.Module] = ()) -> None:
+    def observe(self, skip: Iterable[int] = ()) -> None:
         """Fold this step's gradients into the averages of parameters whose optimizer keeps no momentum.
 
-        Parameters of the ``skip`` layers (block-sparse: they resize) are left out.
+        ``skip``: indices of parameters left out (block layers' live blocks: they resize).
         """
-        skipped = {id(layer.weight) for layer in skip}
+        skipped = set(skip)
         for i, param in enumerate(self.params):
-            if id(param) in skipped or param.grad is None or not self._needs_own_average(param):
+            if i in skipped or param.grad is None or not self._needs_own_average(param):
                 continue
             grad = param.grad.detach()
             if i not in self.gradient_average:
