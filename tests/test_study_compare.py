@@ -9,14 +9,14 @@ import pytest
 
 from study.compare import load_runs, main, write_comparison
 from study.grid import write_result
-from test_study import _row
+from study_helpers import study_row
 
 
 def test_each_run_is_a_row_against_the_first_even_where_names_repeat(tmp_path):
-    dense = replace(_row("dense", 1.0, 0, 40.0), loss_history=[[1600, 3.0]])
-    longer = replace(_row("dense", 1.0, 0, 36.0), loss_history=[[6400, 2.5]],
+    dense = replace(study_row("dense", 1.0, 0, 40.0), loss_history=[[1600, 3.0]])
+    longer = replace(study_row("dense", 1.0, 0, 36.0), loss_history=[[6400, 2.5]],
                      validation_history=[[3200, 100.0, 38.0], [6400, 200.0, 36.5]])
-    wide = replace(_row("momentum", 0.25, 0, 44.0, block_size=64), width=512, other_load=0.5)
+    wide = replace(study_row("momentum", 0.25, 0, 44.0, block_size=64), width=512, other_load=0.5)
     write_result(str(tmp_path / "study" / dense.name), dense, {})
     write_result(str(tmp_path / "study_long" / longer.name), longer, {})
     write_result(str(tmp_path / "study_wide" / wide.name), wide, {})
@@ -41,10 +41,10 @@ def test_the_time_plot_needs_a_timed_run(tmp_path):
     pytest.importorskip("matplotlib")
     from study.time_plot import write_time_plot
 
-    untimed = replace(_row("dense", 1.0, 0, 40.0), train_seconds=None)
+    untimed = replace(study_row("dense", 1.0, 0, 40.0), train_seconds=None)
     with pytest.raises(ValueError, match="no run has a training time"):
         write_time_plot([("study", untimed)], str(tmp_path / "comparison.png"))
-    busy = replace(_row("momentum", 0.1, 0, 50.0), train_seconds=600.0, other_load=0.5)
+    busy = replace(study_row("momentum", 0.1, 0, 50.0), train_seconds=600.0, other_load=0.5)
     assert write_time_plot([("study", busy), ("study", untimed)], str(tmp_path / "comparison.png")).endswith(".png")
     assert (tmp_path / "comparison.png").stat().st_size > 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict
+from typing import Sequence
 
 import pytest
 from transformers import HfArgumentParser
@@ -13,16 +14,17 @@ from sparse_nlp import SparsityConfig
 from sparse_nlp.methods import get_method
 from sparse_nlp.topology.schedule import TopologySchedule
 from study import runner
+from study.grid import StudyRun
 from study.levers import LEVERS_BY_NAME, format_levers, get_levers, lever_row
 from study.tables import aggregate
-from test_study import _flags, _row, count_trained_runs
+from study_helpers import STUDY_CONFIG, count_trained_runs, study_flags, study_row
 
 
 def test_lever_rows_are_compared_with_the_study_rows_at_their_density():
-    study = [_row("dense", 1.0, 0, 100.0), _row("momentum", 0.1, 0, 110.0), _row("momentum", 0.1, 1, 114.0),
-             _row("static", 0.1, 0, 120.0), _row("momentum", 0.2, 0, 90.0), _row("momentum", 0.1, 0, 130.0, 64)]
+    study = [study_row("dense", 1.0, 0, 100.0), study_row("momentum", 0.1, 0, 110.0), study_row("momentum", 0.1, 1, 114.0),
+             study_row("static", 0.1, 0, 120.0), study_row("momentum", 0.2, 0, 90.0), study_row("momentum", 0.1, 0, 130.0, 64)]
     groups = [asdict(g) for g in aggregate(study)]
-    erk = lever_row(LEVERS_BY_NAME["erk"], [_row("momentum", 0.1, 0, 99.0)])
+    erk = lever_row(LEVERS_BY_NAME["erk"], [study_row("momentum", 0.1, 0, 99.0)])
     table = format_levers([erk], groups, 0.1)
     momentum_line = next(line for line in table.splitlines() if line.startswith("| sparse momentum"))
     assert "112.00 ± 2.83" in momentum_line  # mean over the two fine-grained seeds; not the block run, not 0.2
@@ -39,11 +41,11 @@ def _cells(table: str, start: str) -> list[str]:
 
 
 def test_a_baseline_at_its_own_settings_is_compared_with_its_study_row_and_with_momentum():
-    study = [_row("dense", 1.0, 0, 100.0), _row("momentum", 0.1, 0, 110.0), _row("rigl", 0.1, 0, 125.0),
-             _row("set", 0.1, 0, 115.0), _row("static", 0.1, 0, 120.0)]
+    study = [study_row("dense", 1.0, 0, 100.0), study_row("momentum", 0.1, 0, 110.0), study_row("rigl", 0.1, 0, 125.0),
+             study_row("set", 0.1, 0, 115.0), study_row("static", 0.1, 0, 120.0)]
     groups = [asdict(g) for g in aggregate(study)]
-    rigl = lever_row(LEVERS_BY_NAME["rigl-own"], [_row("rigl", 0.1, 0, 120.0)])
-    lr = lever_row(LEVERS_BY_NAME["lr-x2"], [_row("momentum", 0.1, 0, 104.5)])
+    rigl = lever_row(LEVERS_BY_NAME["rigl-own"], [study_row("rigl", 0.1, 0, 120.0)])
+    lr = lever_row(LEVERS_BY_NAME["lr-x2"], [study_row("momentum", 0.1, 0, 104.5)])
     assert rigl.method == "rigl" and lr.method == "momentum"
     table = format_levers([rigl, lr], groups, 0.1)
     header = _cells(table, "setting")
@@ -84,7 +86,7 @@ def test_rigl_and_set_at_their_papers_settings_schedule_as_the_papers_do():
 
 
 def test_the_lever_recipe_trains_each_lever_once_and_resumes(tmp_path, monkeypatch, capsys):
-    flags = _flags(tmp_path)
+    flags = study_flags(tmp_path)
     runner.main(flags)  # the baseline study: dense, small-dense and momentum at 0.5
     trained = count_trained_runs(monkeypatch)
     passed_on = [f for f in flags if f != str(tmp_path / "study")]
@@ -111,10 +113,48 @@ def test_the_lever_recipe_trains_each_lever_once_and_resumes(tmp_path, monkeypat
         study_levers.main(["--baseline_dir", str(tmp_path / "nowhere")])
 
 
-def test_the_own_settings_levers_are_the_studys_own_settings_references():
-    from study.grid import OWN_SETTINGS
-    from study.levers import LEVERS_BY_NAME
+# What each lever changes, against the study's run of its method: the exact SparsityConfig / TrainingArguments values
+# its documented change names (Lever.change), written out here rather than read back from the lever's flags.
+LEVER_CHANGES = {
+    "erk": {"sparsity.distribution": "erk"},
+    "end-0.75": {"sparsity.update_end_fraction": 0.75},
+    "prune-0.3": {"sparsity.prune_rate": 0.3},
+    "interval-200": {"sparsity.update_interval": 200},
+    "adam-raw": {"sparsity.adam_momentum": "raw"},
+    "regrown-keep": {"sparsity.regrown_state": "keep"},
+    "regrown-fresh": {"sparsity.regrown_state": "fresh"},
+    "lr-x0.5": {"training.learning_rate": 5e-4},
+    "lr-x2": {"training.learning_rate": 2e-3},
+    "rigl-own": {"sparsity.prune_rate": 0.3, "sparsity.update_end_fraction": 0.75, "sparsity.distribution": "erk"},
+    "set-own": {"sparsity.prune_rate": 0.3, "sparsity.prune_rate_decay": "constant", "sparsity.distribution": "erk",
+                "sparsity.update_end_fraction": 0.9375},
+}
 
+
+def _trained_settings(method: str, flags: Sequence[str] = ()) -> dict:
+    """The sparsity and training settings the study recipe trains a run of ``method`` at 0.05 with, given ``flags``
+    (parsed by the recipe's HfArgumentParser, then prepared as the grid prepares its runs)."""
+    model_args, _, options, study, training_args = runner.parse_args(
+        [*flags, "--methods", method, "--densities", "0.05", "--bf16", "false", "--output_dir", "unused"])
+    _, _, sparsity, args = runner.prepare_run(StudyRun(method, 0.05, 0), model_args, STUDY_CONFIG, options, study,
+                                              training_args)
+    training = {k: v for k, v in args.to_dict().items() if k != "logging_dir"}
+    return {**{f"sparsity.{k}": v for k, v in sparsity.to_dict().items()},
+            **{f"training.{k}": v for k, v in training.items()}}
+
+
+def test_each_lever_trains_exactly_the_change_it_names():
+    assert set(LEVER_CHANGES) == set(LEVERS_BY_NAME)  # a new lever needs its line above
+    for name, lever in LEVERS_BY_NAME.items():
+        study_run = _trained_settings(lever.method)
+        lever_run = _trained_settings(lever.method, lever.flags)
+        changed = {key: value for key, value in lever_run.items() if study_run[key] != value}
+        assert changed == LEVER_CHANGES[name], name
+
+
+def test_the_own_settings_levers_train_as_the_studys_own_settings_references():
+    # rigl-own / set-own (levers: RigL or SET with flags) and rigl_own / set_own (the study's references: OWN_SETTINGS
+    # applied by the grid) are two routes to one configuration; only the run's name differs
     for lever, reference in (("rigl-own", "rigl_own"), ("set-own", "set_own")):
-        flags = LEVERS_BY_NAME[lever].flags
-        assert dict(zip(flags[::2], flags[1::2])) == {f"--{k}": str(v) for k, v in OWN_SETTINGS[reference].items()}
+        assert _trained_settings(LEVERS_BY_NAME[lever].method, LEVERS_BY_NAME[lever].flags) == _trained_settings(
+            reference)

@@ -62,9 +62,9 @@ def test_study_plots_add_the_curves_when_runs_were_evaluated_during_training(tmp
 
     from study.curve_plot import write_validation_curves
     from study.plots import write_study_plots
-    from test_study import _row
+    from study_helpers import study_row
 
-    plain = [_row("dense", 1.0, 0, 100.0), _row("momentum", 0.1, 0, 120.0)]
+    plain = [study_row("dense", 1.0, 0, 100.0), study_row("momentum", 0.1, 0, 120.0)]
     (tmp_path / "plain").mkdir()
     (tmp_path / "evaluated").mkdir()
     assert not any(p.endswith("study_curves.png") for p in write_study_plots(plain, str(tmp_path / "plain")))
