@@ -27,8 +27,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from sparse_nlp.serving import block_sparse_for_serving
 from sparse_nlp.model import sparsify, unsparsify
+from sparse_nlp.serving import block_sparse_for_serving
 
 # (device type, density, batch, decode tokens/s vs dense)
 TARGETS = [("cpu", 0.1, 1, 2.5), ("cpu", 0.1, 8, 3.0), ("cuda", 0.1, 1, 2.0)]

@@ -201,8 +201,8 @@ def main(argv=None):
             result = train(args, state, seed, blocks, tokenizer)
             results.append(result)
             print(json.dumps({k: v for k, v in result.items() if k != "updates"}), flush=True)
-    print(f"\n| regrown_state | seed | val ppl | step / established (k=1, 10) | step / fresh (k=1, 10) "
-          f"| momentum read / established (predicted) | regrown in place |")
+    print("\n| regrown_state | seed | val ppl | step / established (k=1, 10) | step / fresh (k=1, 10) "
+          "| momentum read / established (predicted) | regrown in place |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         for half in ("first_half", "second_half"):

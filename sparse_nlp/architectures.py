@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+
 # ---- fused q/k/v projections: the role (0 query, 1 key, 2 value) of each output feature ------------------------------
 def _blocks(*sizes: int) -> torch.Tensor:
     """[0] * sizes[0] + [1] * sizes[1] + [2] * sizes[2]."""

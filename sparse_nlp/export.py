@@ -10,8 +10,6 @@ ones zeroed so they contribute exactly 0. The result is a plain transformers mod
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -19,8 +17,6 @@ from torch import nn
 from sparse_nlp.architectures import MLP_LAYOUTS
 from sparse_nlp.layers.base import stores_in_out, weight_out_in
 from sparse_nlp.model import sparse_layers, unsparsify
-
-
 
 
 def _resize_units(layer: nn.Module, keep: torch.Tensor, is_input: bool) -> None:

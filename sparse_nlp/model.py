@@ -15,12 +15,12 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from sparse_nlp.topology.allocation import plan_nonzeros
-from sparse_nlp.layers.block import BlockSparseLinear, block_grid, pool_blocks
 from sparse_nlp.config import DENSE, SparsityConfig
 from sparse_nlp.layers.base import is_linear, out_in_shape, sparse_layers, weight_out_in
+from sparse_nlp.layers.block import BlockSparseLinear, block_grid, pool_blocks
 from sparse_nlp.layers.masked import SparseLinear
 from sparse_nlp.methods import get_method
+from sparse_nlp.topology.allocation import plan_nonzeros
 
 ALL_LINEAR = "all-linear"
 

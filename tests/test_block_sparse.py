@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from sparse_nlp import SparsityController, sparse_layers, sparsify, unsparsify
-from sparse_nlp.topology.allocation import plan_nonzeros
 from sparse_nlp.layers.block import BlockSparseLinear
 from sparse_nlp.methods import known_methods
+from sparse_nlp.topology.allocation import plan_nonzeros
 from tiny_models import LANGUAGE_MODELS, build, example_batch, loss_of, output_of
 
 BLOCK = 16  # the tiny models' widths (32, 64, 96) divide by it

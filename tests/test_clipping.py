@@ -5,9 +5,9 @@ import torch
 from transformers import TrainerCallback
 
 from sparse_nlp import SparsityConfig, sparsify
-from sparse_nlp.parallel.clipping import active_grad_norm, clip_active_grad_norm_
-from sparse_nlp.layers.masked import SparseLinear
 from sparse_nlp.integrations.trainer import SparseTrainer
+from sparse_nlp.layers.masked import SparseLinear
+from sparse_nlp.parallel.clipping import active_grad_norm, clip_active_grad_norm_
 from trainer_helpers import RandomTokens, tiny_args, tiny_gpt2
 
 

@@ -15,13 +15,15 @@ from torch import nn
 from torch._dynamo.utils import counters
 from transformers import TrainerCallback
 
+import test_recipe
 from sparse_nlp import SparseTrainer, SparsityConfig, SparsityController, compile_model, sparse_layers, sparsify
 from sparse_nlp.layers.block import BlockSparseLinear
+from test_recipe import _tiny_flags, train_lm
 from tiny_models import build, example_batch
-from test_recipe import _tiny_flags, text_files, train_lm  # noqa: F401 (text_files: a fixture)
 from trainer_helpers import RandomTokens, masks, tiny_args, tiny_gpt2
 
 KINDS = {"fine": 1, "block": 16}  # block_size
+text_files = test_recipe.text_files  # the recipe tests' fixture, used here too
 
 
 def _sparse_gpt2(block_size: int):
@@ -160,27 +162,6 @@ def test_recipe_trains_with_torch_compile(kind, text_files, tmp_path):
     (run,) = train_lm.main(flags)
     assert run.topology_updates == 1 and torch.isfinite(torch.tensor(run.val_perplexity))
     assert counters["stats"]["unique_graphs"] >= 1  # it did compile
-
-
-@pytest.mark.parametrize("backend", ["native", "torch", "dense", "triton"])
-def test_operators_pass_opcheck(backend):
-    """Schema, fake impls, autograd registration and the compiled (aot_dispatch) path of each operator agree with
-    its eager result, on every backend (Triton under the interpreter here)."""
-    from sparse_nlp.kernels import BlockSparseLayout, custom_ops
-
-    torch.manual_seed(0)
-    layout = BlockSparseLayout.random((48, 32), 16, 0.5)
-    index = custom_ops.layout_tensors(custom_ops.register_layout(layout))
-    x = torch.randn(5, 32, requires_grad=True)
-    values = torch.randn(layout.num_blocks, 16, 16, requires_grad=True)
-    bias = torch.randn(48, requires_grad=True)
-    ints = (48, 32, 16)
-    torch.library.opcheck(custom_ops.linear, (x, values, bias, *index, *ints, backend))
-    torch.library.opcheck(custom_ops.dds, (x.detach(), values.detach(), *index, None, *ints, True, backend))
-    dy = torch.randn(5, 48)
-    torch.library.opcheck(custom_ops.sdd, (dy.t(), x.detach(), *index, *ints, backend))
-    torch.library.opcheck(custom_ops.linear_backward, (dy, x.detach(), values.detach(), *index, *ints, True, True,
-                                                      backend))
 
 
 def test_bench_compile_runs_on_cpu(tmp_path):

@@ -9,8 +9,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from sparse_nlp import SparseTrainer, SparsityCallback, SparsityConfig, SparsityController, sparse_layers, sparsify
-from sparse_nlp.layers.block import BlockSparseLinear
 from sparse_nlp.integrations.console import format_update_line, is_layer_density_key, short_layer_names
+from sparse_nlp.layers.block import BlockSparseLinear
 from tiny_models import build, example_batch, loss_of
 from trainer_helpers import RandomTokens, tiny_args, tiny_gpt2
 

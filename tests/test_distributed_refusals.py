@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
+from fsdp_helpers import FSDP2_CONFIG, fsdp_on_cpu
 from sparse_nlp import SparseTrainer, SparsityCallback, SparsityConfig, SparsityController, sparsify
 from sparse_nlp.parallel.fsdp import BLOCK_LAYERS_REFUSAL, FSDP1_REFUSAL
-from fsdp_helpers import FSDP2_CONFIG, fsdp_on_cpu
 from torchrun_helpers import run_two_ranks
 from trainer_helpers import RandomTokens, tiny_args, tiny_gpt2
 

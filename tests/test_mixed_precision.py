@@ -20,7 +20,7 @@ def test_sparse_trainer_trains_block_sparse_layers_in_bf16(tmp_path):
     assert layers and all(isinstance(layer, BlockSparseLinear) for _, layer in layers)
     assert trainer.sparsity_controller.update_count == 2  # steps 3, 6; step 9's would prune at rate 0: skipped
     assert torch.isfinite(torch.tensor(output.training_loss))
-    for name, layer in layers:
+    for _, layer in layers:
         assert layer.values.dtype == torch.float32  # parameters stay fp32; autocast computes in bf16
         assert torch.isfinite(layer.values).all()
     changed = [name for name, layer in layers

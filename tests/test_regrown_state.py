@@ -183,7 +183,7 @@ def test_a_block_run_with_fresh_regrowth_fills_the_new_blocks_scale_from_the_col
     optimizer = torch.optim.AdamW(holder.parameters(), lr=LR)
     controller = SparsityController(holder, optimizer, total_steps=40)
     grown = False
-    for step in range(12):
+    for _ in range(12):
         x = torch.randn(8, 64)
         (holder(x) - x @ target).pow(2).sum().backward()
         old = layer.block_mask.clone()

@@ -2,12 +2,12 @@
 generates what the plain model generates."""
 import pytest
 import torch
-from tiny_models import TINY_MODELS
 from transformers import AutoModelForCausalLM
 
 from sparse_nlp import sparse_layers, sparsify, unsparsify
 from sparse_nlp.layers.block import BlockSparseLinear
 from sparse_nlp.serving import block_sparse_for_serving, nonzero_block_mask
+from tiny_models import TINY_MODELS
 
 
 def _saved_sparse_gpt2(tmp_path, density=0.25, block_size=16):

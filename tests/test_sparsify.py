@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import sparse_nlp
 from sparse_nlp import SparseLinear, SparsityConfig, sparse_layers, sparsify, unsparsify
-from sparse_nlp.topology.allocation import plan_nonzeros
 from sparse_nlp.model import is_linear
+from sparse_nlp.topology.allocation import plan_nonzeros
 from tiny_models import LANGUAGE_MODELS, TINY_MODELS, build, example_batch, output_of
 
 

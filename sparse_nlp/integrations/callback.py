@@ -28,6 +28,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sparse_nlp.config import SparsityConfig
+from sparse_nlp.controller import SparsityController
 from sparse_nlp.integrations.console import (
     DENSITY_KEY,
     PRUNE_RATE_KEY,
@@ -36,7 +37,6 @@ from sparse_nlp.integrations.console import (
     is_layer_density_key,
     layer_density_key,
 )
-from sparse_nlp.controller import SparsityController
 from sparse_nlp.parallel.ddp import is_distributed
 
 CONTROLLER_FILE = "sparsity_controller.pt"  # controller state, inside each checkpoint folder

@@ -34,20 +34,20 @@ from safetensors import safe_open
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from sparse_nlp.integrations.callback import CONTROLLER_FILE, SparsityCallback
-from sparse_nlp.parallel.clipping import clip_active_grad_norm_, supports_active_clipping
+from sparse_nlp.compile_support import let_dynamo_resize_parameters
 from sparse_nlp.config import DENSE, SparsityConfig
-from sparse_nlp.integrations.console import hide_layer_densities
 from sparse_nlp.controller import SparsityController
+from sparse_nlp.integrations.callback import CONTROLLER_FILE, SparsityCallback
+from sparse_nlp.integrations.console import hide_layer_densities
+from sparse_nlp.model import CONFIG_ATTRIBUTE, sparse_layers, sparsify
+from sparse_nlp.parallel.clipping import clip_active_grad_norm_, supports_active_clipping
 from sparse_nlp.parallel.ddp import (
     NO_FORWARD_BUFFER_SYNC,
     all_reduce_block_grads,
     block_values_names,
     ignore_block_values_in_ddp,
 )
-from sparse_nlp.compile_support import let_dynamo_resize_parameters
 from sparse_nlp.parallel.fsdp import BLOCK_LAYERS_REFUSAL, DEEPSPEED_REFUSAL, FSDP1_REFUSAL
-from sparse_nlp.model import CONFIG_ATTRIBUTE, sparse_layers, sparsify
 
 MATCHED_SETTINGS = ("density", "method", "distribution", "block_size")  # a resumed or pre-sparsified run must agree on these
 

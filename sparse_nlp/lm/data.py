@@ -19,7 +19,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
 
 SOTU_CORPUS = Path(__file__).resolve().parent / "corpus" / "sotu.jsonl.xz"  # built by scripts/build_corpus.py
 SOTU_SPLIT_CYCLE = 20  # speeches in chronological order; in every run of 20, the 10th and the 20th are held out

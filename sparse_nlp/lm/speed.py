@@ -98,10 +98,10 @@ def measure_kernel_speedup(
         sparse = BlockSparseMatrix(values, layout)
         backends.add(resolve_backend(None, device, layout, dtype))
 
-        def dense_step():
+        def dense_step(x=x, weight=weight, bias=bias, grad=grad):  # this shape's tensors, bound now
             torch.autograd.grad(F.linear(x, weight, bias), (x, weight, bias), grad)
 
-        def sparse_step():
+        def sparse_step(x=x, sparse=sparse, values=values, bias=bias, grad=grad):
             torch.autograd.grad(block_sparse_linear(x, sparse, bias), (x, values, bias), grad)
 
         dense_s, sparse_s = _median_seconds([dense_step, sparse_step], repeats, device)

@@ -17,7 +17,6 @@ from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 
-
 Tensor = torch.Tensor
 Lazy = Union[Tensor, Callable[[], Optional[Tensor]], None]
 

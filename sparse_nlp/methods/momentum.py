@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from sparse_nlp.topology.allocation import apportion
 from sparse_nlp.methods.base import LayerPlan, LayerState, TopologyMethod, prune_count
+from sparse_nlp.topology.allocation import apportion
 
 
 def layer_importance(layer: LayerState) -> float:

@@ -20,9 +20,9 @@ absent blocks; their momentum comes from the dense gradients the layer collected
 """
 from __future__ import annotations
 
-import torch
-
 from typing import TYPE_CHECKING
+
+import torch
 
 from sparse_nlp.layers.block import pool_blocks
 from sparse_nlp.methods.base import LayerState
