@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 
 from sparse_nlp.lm.machine_load import is_quiet
 from sparse_nlp.lm.reporting import aligned_table, format_duration
-
 from study.grid import RESULT_FILE, StudyResult
 
 

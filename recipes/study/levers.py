@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 
 from sparse_nlp.config import DENSE
 from sparse_nlp.lm.reporting import aligned_table
-
 from study.grid import OWN_SETTINGS, RIGL_OWN, SET_OWN, SMALL_DENSE, StudyResult
 
 

@@ -20,10 +20,9 @@ import os
 import re
 from typing import Sequence
 
-from sparse_nlp.config import DENSE
 from sparse_nlp.architectures import is_attention_layer
+from sparse_nlp.config import DENSE
 from sparse_nlp.lm.plots import INSTALL_HINT, plot_densities
-
 from study.curve_plot import CURVES_FILE, write_validation_curves
 from study.grid import StudyResult
 from study.tables import StudyGroup, aggregate

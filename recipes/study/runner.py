@@ -33,10 +33,19 @@ from sparse_nlp.lm.arguments import (
 )
 from sparse_nlp.lm.training import new_model_config, prepare_data, train_one, use_all_cores
 from sparse_nlp.topology.schedule import schedule_for
-
 from study.grid import (
-    MAGNITUDE_AVERAGE, OWN_SETTINGS, RIGL_OWN, SET_OWN, SMALL_DENSE, SMALL_DENSE_TOTAL, StudyRun, load_result,
-    plan_grid, run_dir, study_result, write_result,
+    MAGNITUDE_AVERAGE,
+    OWN_SETTINGS,
+    RIGL_OWN,
+    SET_OWN,
+    SMALL_DENSE,
+    SMALL_DENSE_TOTAL,
+    StudyRun,
+    load_result,
+    plan_grid,
+    run_dir,
+    study_result,
+    write_result,
 )
 from study.magnitude_budget import equal_average_magnitude
 from study.plots import write_study_plots

@@ -21,7 +21,6 @@ from typing import Optional, Sequence
 from sparse_nlp.config import DENSE
 from sparse_nlp.lm.machine_load import is_quiet
 from sparse_nlp.lm.reporting import aligned_table, format_duration
-
 from study.grid import MAGNITUDE_AVERAGE, RIGL_OWN, SET_OWN, SMALL_DENSE, SMALL_DENSE_TOTAL, StudyResult
 
 HISTORIES = ("loss_history", "density_history", "validation_history")  # kept in study.json, not in the flat CSV
