@@ -15,7 +15,7 @@ import torch
 
 import sparse_nlp.lm.sequence_length as sequence_length
 import train_lm  # recipes/train_lm.py (pytest's pythonpath: recipes/)
-from sparse_nlp.lm import arguments
+from sparse_nlp.lm import arguments, training
 from trainer_helpers import tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,9 +175,9 @@ def test_use_all_cores_undoes_the_launchers_single_thread(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     try:
         cores = len(os.sched_getaffinity(0))
-        assert train_lm.use_all_cores() == (cores if cores > 1 else None)
+        assert training.use_all_cores() == (cores if cores > 1 else None)
         monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's choice is kept
-        assert train_lm.use_all_cores() is None
+        assert training.use_all_cores() is None
     finally:
         torch.set_num_threads(before)
 
@@ -187,12 +187,12 @@ def test_bf16_by_default_only_where_it_is_fast_and_never_over_the_users_choice(m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(arguments, "has_fast_bf16", lambda device_type: True)
     on_cpu = [] if cuda else ["--use_cpu", "true"]
-    assert train_lm.with_default_precision(["--max_steps", "5"]) == ["--max_steps", "5", "--bf16", "true", *on_cpu]
-    assert train_lm.with_default_precision(["--use_cpu", "--x"]) == ["--use_cpu", "--x", "--bf16", "true"]
+    assert arguments.with_default_precision(["--max_steps", "5"]) == ["--max_steps", "5", "--bf16", "true", *on_cpu]
+    assert arguments.with_default_precision(["--use_cpu", "--x"]) == ["--use_cpu", "--x", "--bf16", "true"]
     for chosen in (["--bf16", "false"], ["--bf16=false"], ["--fp16"], ["--fp16", "true"]):
-        assert train_lm.with_default_precision(chosen) == chosen
+        assert arguments.with_default_precision(chosen) == chosen
     monkeypatch.setattr(arguments, "has_fast_bf16", lambda device_type: False)  # emulated bf16: slower, stay fp32
-    assert train_lm.with_default_precision(["--max_steps", "5"]) == ["--max_steps", "5"]
+    assert arguments.with_default_precision(["--max_steps", "5"]) == ["--max_steps", "5"]
 
 
 @pytest.mark.parametrize("device, bf16, expected", [("cuda", True, (8192, torch.bfloat16)),
@@ -279,7 +279,7 @@ def _stop_at(monkeypatch, name):
     def stop(*args, **kwargs):
         raise _Stop(name)
 
-    monkeypatch.setattr(train_lm, name, stop)
+    monkeypatch.setattr(training, name, stop)  # the steps of prepare_data (sparse_nlp.lm.training)
 
 
 def test_a_sequence_length_the_corpus_cannot_hold_fails_in_one_line_with_the_largest_that_fits(
