@@ -268,10 +268,8 @@ class SparsityController:
                 )
         self.step_count = state["step_count"]
         self.update_count = state["update_count"]
-        # Absent in checkpoints of older versions: the history then starts here.
-        self.density_history = list(state.get("density_history") or [self._density_record()])
+        self.density_history = list(state["density_history"])
         self.generator.set_state(state["generator"])
         self.momentum.load_state_dict(state["momentum"])
-        collected = state.get("dense_grads", {})  # absent in checkpoints of older versions
         for name, layer in self.layers:
-            layer.load_dense_gradient_state(collected.get(name))
+            layer.load_dense_gradient_state(state["dense_grads"].get(name))
