@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copyreg
 import weakref
+from typing import Callable
 
 import torch
 
 
-def compile_model(model: torch.nn.Module, **compile_options):
+def compile_model(model: torch.nn.Module, **compile_options) -> Callable:
     """``torch.compile(model, **compile_options)`` for a model with block-sparse layers, in a custom training loop:
     first ``let_dynamo_resize_parameters()``, so that topology updates do not recompile. (``SparseTrainer`` with
     ``torch_compile=True`` does the same.) A model without block layers needs nothing: plain torch.compile works."""

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sparse_nlp.config import SparsityConfig
@@ -56,7 +56,8 @@ class SparsityCallback(TrainerCallback):
         self.syncs_block_grads = False  # set by SparseTrainer, which averages block gradients over DDP ranks
 
     # ---- training events -----------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Optional[torch.nn.Module] = None, optimizer=None, **kwargs) -> None:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
         # (FSDP2: the model is sharded by now; the controller refuses FSDP1 and block layers under FSDP in one line.)
         self.controller = SparsityController(model, optimizer, self.config, total_steps=state.max_steps)
@@ -70,7 +71,8 @@ class SparsityCallback(TrainerCallback):
         if state.global_step > 0:  # resuming: the Trainer has already loaded weights, masks and optimizer state
             self._load(self._checkpoint_folder(args, state))
 
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None,
+                          **kwargs) -> None:
         if self.controller is None:
             raise RuntimeError("SparsityCallback: optimizer step before on_train_begin; use it through Trainer.train().")
         if getattr(optimizer, "step_was_skipped", False):  # the grad scaler found inf/NaN: no weight changed
@@ -82,7 +84,7 @@ class SparsityCallback(TrainerCallback):
             if self.print_updates and state.is_world_process_zero:
                 tqdm.write(self.update_line(update))
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if self.controller is None:
             return
         saved = self.state_dict()  # on every rank: under FSDP2 it gathers what is sharded
@@ -90,7 +92,8 @@ class SparsityCallback(TrainerCallback):
         if args.should_save and os.path.isdir(folder):  # every rank holds the same state: rank 0 writes it
             torch.save(saved, os.path.join(folder, CONTROLLER_FILE))
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: Optional[dict] = None, **kwargs) -> None:
         # Plain-Trainer fallback; SparseTrainer.log has added the metrics already (then this does nothing).
         if logs is None or "loss" not in logs or DENSITY_KEY in logs or self.controller is None:
             return

@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
 from safetensors import safe_open
-from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from sparse_nlp.compile_support import let_dynamo_resize_parameters
 from sparse_nlp.config import DENSE, SparsityConfig
@@ -53,7 +53,8 @@ MATCHED_SETTINGS = ("density", "method", "distribution", "block_size")  # a resu
 
 
 class SparseTrainer(Trainer):
-    def __init__(self, model=None, args=None, *trainer_args, sparsity_config: Optional[SparsityConfig] = None, **kwargs):
+    def __init__(self, model: Optional[torch.nn.Module] = None, args: Optional[TrainingArguments] = None, *trainer_args,
+                 sparsity_config: Optional[SparsityConfig] = None, **kwargs) -> None:
         if model is None:
             raise ValueError("SparseTrainer needs a model (model_init is not supported: sparsify needs the model).")
         config = _resolve_config(model, sparsity_config)
@@ -88,7 +89,8 @@ class SparseTrainer(Trainer):
         """The controller of the current (or last) training run; None before train() and for dense runs."""
         return self.sparsity_callback.controller if self.sparsity_callback is not None else None
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, trial=None,
+              ignore_keys_for_eval: Optional[list[str]] = None, **kwargs) -> TrainOutput:
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             if resume_from_checkpoint is None:
@@ -114,7 +116,7 @@ class SparseTrainer(Trainer):
             self.accelerator.ddp_handler = _without_forward_buffer_sync(self.accelerator.ddp_handler)
         return model
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._block_values and self.accelerator.sync_gradients:  # the synchronising backward (not under no_sync)
             all_reduce_block_grads(self.model)  # a no-op on one process
