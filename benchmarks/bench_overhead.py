@@ -35,8 +35,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, resolve_backend
-from sparse_nlp.kernels import cpu_native
+from sparse_nlp.kernels import (
+    BlockSparseLayout,
+    BlockSparseMatrix,
+    block_sparse_linear,
+    native_available,
+    resolve_backend,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BASELINE = "F.linear"
@@ -49,7 +54,7 @@ def default_backends(device: torch.device) -> list[str]:
     """The backends that run on `device` for real (Triton on CPU only interprets: not a host cost worth timing)."""
     if device.type == "cuda":
         return ["triton", "dense"]
-    return (["native"] if cpu_native.available() else []) + ["torch", "dense"]
+    return (["native"] if native_available() else []) + ["torch", "dense"]
 
 
 def device_name(device: torch.device) -> str:

@@ -37,19 +37,19 @@ import platform
 import statistics
 import time
 
-# No THP_MEM_ALLOC_ENABLE here: importing sparse_nlp asks torch for huge pages (kernels/huge_pages.py), so this
-# script times what a plain user script gets.
-
 import torch
+import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-import torch.distributed as dist
-
 from sparse_nlp import SparsityConfig, SparsityController, sparse_layers, sparsify
-from sparse_nlp.kernels.huge_pages import huge_page_status
-from sparse_nlp.parallel.ddp import (NO_FORWARD_BUFFER_SYNC, all_reduce_block_grads, ignore_block_values_in_ddp,
-                                   is_distributed)
+from sparse_nlp.kernels import huge_page_status, request_huge_pages
+from sparse_nlp.parallel.ddp import (
+    NO_FORWARD_BUFFER_SYNC,
+    all_reduce_block_grads,
+    ignore_block_values_in_ddp,
+    is_distributed,
+)
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # GPU presets: (width, layers, heads, default densities). Medium's one density is the one its target is set at.
@@ -266,6 +266,7 @@ def print_table(args, rows: list[dict], device, machine: str, huge_pages) -> Non
 
 
 def main(argv=None) -> dict:
+    request_huge_pages()  # torch's large CPU tensors on huge pages, as a user script that asks gets them (docs)
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
     world = int(os.environ.get("WORLD_SIZE", "1"))

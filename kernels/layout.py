@@ -10,14 +10,18 @@ covers rows i*b:(i+1)*b and columns j*b:(j+1)*b. Only live blocks are stored, in
 
 The column-major order is what dX = dY @ W walks (output block-column j of dX sums over block-column j of W),
 so the backward reads the same `values` through `transpose_perm` and never builds a transposed copy of W.
+
+The six index tensors travel together as one `LayoutIndex` (a NamedTuple): a layout holds one, a layer keeps one as
+buffers, and the torch.library operators (library.py) take one as their layout argument.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 BLOCK_SIZES = (16, 32, 64, 128)  # tl.dot needs >= 16; 128 is the largest tile that fits one program's registers
 
@@ -36,18 +40,33 @@ def check_divisible(shape: tuple[int, int], block_size: int) -> None:
         )
 
 
+class LayoutIndex(NamedTuple):
+    """The index tensors of a layout, all int32: its live blocks in row-major order, then in column-major order."""
+
+    row_indices: Tensor  # [nnz] block-row of each live block, row-major order
+    col_indices: Tensor  # [nnz] block-column of each live block
+    row_offsets: Tensor  # [N//b + 1] CSR offsets into the row-major order
+    transpose_perm: Tensor  # [nnz] row-major positions listed in column-major order
+    transpose_row_indices: Tensor  # [nnz] row_indices[transpose_perm] (what dX's kernel reads)
+    col_offsets: Tensor  # [K//b + 1] CSC offsets into the column-major order
+
+
 @dataclass(frozen=True, eq=False)
 class BlockSparseLayout:
     """Immutable index metadata of a block-sparse [N, K] weight. Build with `from_block_mask`."""
 
     shape: tuple[int, int]  # (N, K) of the dense weight
     block_size: int
-    row_indices: torch.Tensor  # [nnz] int32, block-row of each live block, row-major order
-    col_indices: torch.Tensor  # [nnz] int32, block-column of each live block
-    row_offsets: torch.Tensor  # [N//b + 1] int32, CSR offsets into the row-major order
-    transpose_perm: torch.Tensor  # [nnz] int32, row-major positions listed in column-major order
-    transpose_row_indices: torch.Tensor  # [nnz] int32, row_indices[transpose_perm] (what dX's kernel reads)
-    col_offsets: torch.Tensor  # [K//b + 1] int32, CSC offsets into the column-major order
+    index: LayoutIndex
+
+    @classmethod
+    def from_index(cls, index: Sequence[Tensor], block_size: int) -> "BlockSparseLayout":
+        """The layout over these six index tensors (a LayoutIndex, or a list of them in its order, as the operators
+        get them); its shape is read off the offsets' lengths, no index value is read."""
+        index = LayoutIndex(*index)
+        n = (index.row_offsets.shape[0] - 1) * block_size
+        k = (index.col_offsets.shape[0] - 1) * block_size
+        return cls((n, k), block_size, index)
 
     @classmethod
     def from_block_mask(cls, block_mask: torch.Tensor, block_size: int) -> "BlockSparseLayout":
@@ -63,17 +82,9 @@ class BlockSparseLayout:
         row_offsets[1:] = torch.cumsum(mask.sum(1), 0)
         col_offsets = torch.zeros(kb + 1, dtype=torch.long, device=mask.device)
         col_offsets[1:] = torch.cumsum(mask.sum(0), 0)
-        i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-        return cls(
-            shape=(nb * block_size, kb * block_size),
-            block_size=block_size,
-            row_indices=i32(rows),
-            col_indices=i32(cols),
-            row_offsets=i32(row_offsets),
-            transpose_perm=i32(perm),
-            transpose_row_indices=i32(rows[perm]),
-            col_offsets=i32(col_offsets),
-        )
+        index = LayoutIndex(rows, cols, row_offsets, perm, rows[perm], col_offsets)
+        return cls((nb * block_size, kb * block_size), block_size,
+                   LayoutIndex(*(t.to(torch.int32).contiguous() for t in index)))
 
     @classmethod
     def from_element_mask(cls, mask: torch.Tensor, block_size: int) -> "BlockSparseLayout":
@@ -110,7 +121,7 @@ class BlockSparseLayout:
 
     @property
     def num_blocks(self) -> int:
-        return self.row_indices.numel()
+        return self.index.row_indices.numel()
 
     @property
     def block_shape(self) -> tuple[int, int]:
@@ -124,30 +135,25 @@ class BlockSparseLayout:
 
     @property
     def device(self) -> torch.device:
-        return self.row_indices.device
+        return self.index.row_indices.device
 
     def to(self, device) -> "BlockSparseLayout":
         device = torch.device(device)
         if device == self.device:
             return self
-        move = {name: getattr(self, name).to(device) for name in _INDEX_FIELDS}
-        return BlockSparseLayout(shape=self.shape, block_size=self.block_size, **move)
+        return BlockSparseLayout(self.shape, self.block_size, LayoutIndex(*(t.to(device) for t in self.index)))
 
     def block_mask(self) -> torch.Tensor:
         """The bool mask [N//b, K//b] this layout was built from."""
         mask = torch.zeros(self.block_shape, dtype=torch.bool, device=self.device)
-        mask[self.row_indices.long(), self.col_indices.long()] = True
+        mask[self.index.row_indices.long(), self.index.col_indices.long()] = True
         return mask
 
     @cached_property
-    def host_plan(self) -> "HostPlan":
-        """Python-side copy of the indices, built once, for the CPU path's per-block-row loops."""
-        return HostPlan(self)
-
-    @cached_property
     def kernel_cache(self) -> dict:
-        """What a backend derives from this layout (and its weights) once rather than per call, e.g. the native
-        kernels' packed weights; it lives and dies with the layout, which a topology change replaces."""
+        """What a backend derives from this layout (and its weights) once rather than per call: the torch path's
+        host plan, the native kernels' packed weights. It lives and dies with the layout object, which a topology
+        change replaces; an eager call passes the object itself, so the cache is found without any lookup."""
         return {}
 
     def __repr__(self) -> str:
@@ -155,28 +161,6 @@ class BlockSparseLayout:
             f"BlockSparseLayout(shape={self.shape}, block_size={self.block_size}, "
             f"num_blocks={self.num_blocks}, density={self.density:.3f}, device={self.device})"
         )
-
-
-_INDEX_FIELDS = (
-    "row_indices", "col_indices", "row_offsets", "transpose_perm", "transpose_row_indices", "col_offsets",
-)
-
-
-class HostPlan:
-    """Per-block-row and per-block-column index lists (python ints) of one layout."""
-
-    def __init__(self, layout: BlockSparseLayout):
-        self.row_offsets = layout.row_offsets.tolist()
-        self.col_offsets = layout.col_offsets.tolist()
-        cols = layout.col_indices.tolist()
-        rows_t = layout.transpose_row_indices.tolist()
-        ro, co = self.row_offsets, self.col_offsets
-        self.cols_of_row = [cols[ro[i]:ro[i + 1]] for i in range(len(ro) - 1)]  # block-cols live in row i
-        self.rows_of_col = [rows_t[co[j]:co[j + 1]] for j in range(len(co) - 1)]  # block-rows live in col j
-        # The same lists as index tensors: one index_select gathers a block-row's inputs (cheaper than slice + cat).
-        self.cols_of_row_index = [torch.tensor(c, dtype=torch.long) for c in self.cols_of_row]
-        self.rows_of_col_index = [torch.tensor(r, dtype=torch.long) for r in self.rows_of_col]
-        self.transpose_perm = layout.transpose_perm.long()
 
 
 class BlockSparseMatrix:
@@ -236,7 +220,7 @@ def gather_blocks(dense: torch.Tensor, layout: BlockSparseLayout) -> torch.Tenso
     b = layout.block_size
     nb, kb = layout.block_shape
     grid = dense.reshape(nb, b, kb, b).transpose(1, 2)  # [nb, kb, b, b]
-    return grid[layout.row_indices.long(), layout.col_indices.long()].contiguous()
+    return grid[layout.index.row_indices.long(), layout.index.col_indices.long()].contiguous()
 
 
 def scatter_blocks(values: torch.Tensor, layout: BlockSparseLayout) -> torch.Tensor:
@@ -244,5 +228,5 @@ def scatter_blocks(values: torch.Tensor, layout: BlockSparseLayout) -> torch.Ten
     b = layout.block_size
     nb, kb = layout.block_shape
     grid = values.new_zeros(nb, kb, b, b)
-    grid = grid.index_put((layout.row_indices.long(), layout.col_indices.long()), values)
+    grid = grid.index_put((layout.index.row_indices.long(), layout.index.col_indices.long()), values)
     return grid.transpose(1, 2).reshape(nb * b, kb * b)

@@ -1,29 +1,40 @@
-"""The three products of a block-sparse linear layer, in stk naming (layout of output, left, right operand):
+"""The public block-sparse ops: checks, the backend choice, and one call each.
+
+The three products, in stk naming (layout of output, left, right operand), not differentiable:
 
     dds(a, w, transpose_b)  dense  = dense a @ sparse w (or w^T)      Y = dds(X, W, True), dX = dds(dY, W)
     dsd(w, b, transpose_a)  dense  = sparse w (or w^T) @ dense b      Y^T = dsd(W, X^T)
     sdd(a, b, layout)       sparse = dense a @ dense b, live blocks   dW = sdd(dY^T, X, W.layout)
 
-Each checks its inputs (one-line ValueErrors) and dispatches to a backend:
+and the differentiable linear layer, y = x W^T + bias:
+
+    block_sparse_linear(x, w, bias, backend)   checked; backend None picks one
+    linear(x, values, bias, layout, backend)   unchecked: the one call behind a layer's forward, whose checks and
+                                               backend choice happen once per topology, not per call
+
+Each runs on one backend (backends.BACKENDS, a module each):
 
     "triton"  Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, as the tests do)
-    "native"  compiled C kernels (cpu_native.py, cpu_kernels.c): CPU, fp32; built at first use
-    "torch"   the blocked pure-torch path (cpu.py): gathered GEMMs over block-rows, any device
+    "native"  compiled C kernels (backends/native/): CPU, fp32; built at first use
+    "torch"   the blocked pure-torch path (backends/torch_blocked.py): gathered GEMMs over block-rows, any device
     "dense"   masked dense: build W densely, one GEMM (faster than "torch" at high density)
     None      automatic: CUDA -> "triton" ("dense" for fp64 or a fully dense layout); CPU -> "native" for fp32
               where it builds, else "torch"; "dense" above NATIVE_DENSE_THRESHOLD / DENSE_THRESHOLD[block]
 
-These ops are not differentiable; `block_sparse_linear` (autograd.py) is. Past the checks each runs its product
-directly in eager calls, and its torch.library operator (custom_ops.py) under torch.compile, which traces it without a
-graph break.
+Past the checks, eager calls run the backend's function directly (linear through library.EagerLinear), and
+torch.compile traces the torch.library operators of library.py instead, without a graph break.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch import Tensor
 
-from . import cpu_native, custom_ops
+from . import library
+from .backends import BACKENDS as _BACKEND_MODULES
+from .backends.native import products as native
+from .backends.triton.launchers import interpreting
 from .layout import BlockSparseLayout, BlockSparseMatrix
 
 # CPU, per block size: above this density the masked-dense GEMM beats the blocked path, so "auto" switches to
@@ -34,7 +45,7 @@ DENSE_THRESHOLD = {16: 0.2, 32: 0.4, 64: 0.6, 128: 0.6}
 # The native kernels (median of 3, interleaved): 16-blocks 1.58x at 0.6, 1.31x at 0.8; 32-blocks 1.42x at 0.6, 1.05x
 # at 0.8; 64-blocks 1.46-1.76x fwd / bwd at 0.6, 1.29x fwd+bwd at 0.8; 128-blocks 1.25x at 0.6, 1.06x at 0.8.
 NATIVE_DENSE_THRESHOLD = {16: 0.75, 32: 0.6, 64: 0.75, 128: 0.6}
-BACKENDS = ("triton", "native", "torch", "dense")
+BACKENDS = tuple(_BACKEND_MODULES)  # ("triton", "native", "torch", "dense")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -51,27 +62,25 @@ def resolve_backend(
             if (dtype is not None and dtype not in TRITON_DTYPES) or layout.density >= 1.0:
                 return "dense"
             return "triton"
-        native = device.type == "cpu" and dtype in (None, *cpu_native.NATIVE_DTYPES)
-        if native and not cpu_native.available():
-            cpu_native.warn_unavailable()
-            native = False
-        threshold = (NATIVE_DENSE_THRESHOLD if native else DENSE_THRESHOLD)[layout.block_size]
+        use_native = device.type == "cpu" and dtype in (None, *native.NATIVE_DTYPES)
+        if use_native and not native.available():
+            native.warn_unavailable()
+            use_native = False
+        threshold = (NATIVE_DENSE_THRESHOLD if use_native else DENSE_THRESHOLD)[layout.block_size]
         if layout.density > threshold:
             return "dense"
-        return "native" if native else "torch"
+        return "native" if use_native else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for automatic")
     if backend == "native":
         if device.type != "cpu":
             raise ValueError(f"backend='native' runs on CPU tensors, got {device.type}; use None or 'triton'")
-        if dtype is not None and dtype not in cpu_native.NATIVE_DTYPES:
-            raise ValueError(f"backend='native' supports {cpu_native.NATIVE_DTYPES}, got {dtype}; use backend='torch'")
-        if not cpu_native.available():
-            raise ValueError(f"backend='native' is unavailable here: {cpu_native.unavailable_reason()}; "
+        if dtype is not None and dtype not in native.NATIVE_DTYPES:
+            raise ValueError(f"backend='native' supports {native.NATIVE_DTYPES}, got {dtype}; use backend='torch'")
+        if not native.available():
+            raise ValueError(f"backend='native' is unavailable here: {native.unavailable_reason()}; "
                              "use backend='torch'")
     if backend == "triton" and device.type != "cuda":
-        from .launchers import interpreting
-
         if not interpreting():
             raise ValueError(
                 f"backend='triton' got {device.type} tensors; Triton needs CUDA tensors "
@@ -131,10 +140,9 @@ def dds(
     backend = resolve_backend(backend, a.device, b.layout, a.dtype)
     _check_triton_dtype(backend, a.dtype)
     values, bias = b.values.detach(), None if bias is None else bias.detach()
-    if not torch.compiler.is_compiling():
-        return custom_ops.run_dds(a, BlockSparseMatrix(values, b.layout), transpose_b, bias, backend)
-    index = custom_ops.layout_tensors(b.layout)
-    return custom_ops.dds(a, values, *index, bias, n, k, b.block_size, transpose_b, backend)
+    if torch.compiler.is_compiling():
+        return library.dds(a, values, list(b.layout.index), bias, b.block_size, transpose_b, backend)
+    return _BACKEND_MODULES[backend].dds(a, values, b.layout, transpose_b, bias)
 
 
 def dsd(
@@ -169,7 +177,81 @@ def sdd(
         )
     backend = resolve_backend(backend, a.device, layout, a.dtype)
     _check_triton_dtype(backend, a.dtype)
-    if not torch.compiler.is_compiling():
-        return BlockSparseMatrix(custom_ops.run_sdd(a, b, layout, backend), layout)
-    index = custom_ops.layout_tensors(layout)
-    return BlockSparseMatrix(custom_ops.sdd(a, b, *index, *layout.shape, layout.block_size, backend), layout)
+    if torch.compiler.is_compiling():
+        return BlockSparseMatrix(library.sdd(a, b, list(layout.index), layout.block_size, backend), layout)
+    return BlockSparseMatrix(_BACKEND_MODULES[backend].sdd(a, b, layout), layout)
+
+
+def linear(
+    x: Tensor, values: Tensor, bias: Optional[Tensor], layout: BlockSparseLayout, backend: str, *,
+    static_weights: bool = False,
+) -> Tensor:
+    """x [..., K] -> [..., N] = x @ W^T + bias, W = `values` [num_blocks, b, b] over `layout` ([N, K]),
+    differentiable w.r.t. x, values and bias. Unchecked: the caller has checked the operands and resolved `backend`
+    (resolve_backend); block_sparse_linear is the checked call. One call for every setting:
+
+    - under torch.compile: the `sparse_nlp::linear` operator over the layout's index tensors (library.py);
+    - eager, gradients off, backend "native" (generation, evaluation): the C product directly, no autograd and no
+      dispatch, which at a few rows cost more than the product;
+    - eager otherwise: library.EagerLinear, the same products without the dispatcher, the layout object at hand.
+
+    static_weights: the values change only through ops that move their version counter (load_state_dict, copy_),
+    as weights nothing trains do; the native no-grad path then keeps its packed copy of them on the layout between
+    calls instead of packing them again. Never for trained weights: fused optimizers (the Trainer's default AdamW)
+    change parameters without moving the counter, so a kept pack would go stale unseen.
+    """
+    n, k = layout.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)  # leading batch dims flattened: a view when x is contiguous
+    if torch.compiler.is_compiling():
+        y = library.linear(x2, values, bias, list(layout.index), layout.block_size, backend)
+    elif backend == "native" and not torch.is_grad_enabled():
+        y = native.dds(x2, values, layout, True, bias, reuse_packed=static_weights)
+    else:
+        y = library.EagerLinear.apply(x2, values, bias, layout, backend)  # [M, N]
+    return y.view(*lead, n)
+
+
+def block_sparse_linear(
+    x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = None, backend: Optional[str] = None
+) -> Tensor:
+    """x [..., K] -> [..., N] = x @ W^T + bias, W a BlockSparseMatrix of shape [N, K] (nn.Linear layout),
+    differentiable w.r.t. x, weight.values and bias; computed in autocast's dtype under autocast.
+
+    backend: None picks automatically (CUDA -> "triton", CPU -> "native" (fp32, where it builds) or "torch", or
+    "dense" above the density thresholds); "triton" / "native" / "torch" / "dense" force one.
+    """
+    if not isinstance(weight, BlockSparseMatrix):
+        raise ValueError(f"weight must be a BlockSparseMatrix, got {type(weight).__name__}")
+    x, values, bias = autocast_operands(x, weight.values, bias)
+    n, k = weight.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)} but the weight {weight.shape} expects last dim {k}")
+    if x.dtype != values.dtype or x.device != values.device:
+        raise ValueError(
+            f"x is {x.dtype} on {x.device} but the weight is {values.dtype} on {values.device}; "
+            "cast/move one to match"
+        )
+    check_bias(bias, n, values.dtype, values.device)
+    backend = resolve_backend(backend, x.device, weight.layout, x.dtype)
+    return linear(x, values, bias, weight.layout, backend)
+
+
+def autocast_operands(
+    x: Tensor, values: Tensor, bias: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Under autocast (the Trainer's --bf16 / --fp16) compute in its dtype, as nn.Linear does: x, values and bias
+    are cast here, outside the operator, so gradients flow back through the casts to fp32 values and bias.
+    Only fp32/fp16/bf16 tensors are cast (autocast leaves fp64 alone too)."""
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") and not torch.amp.is_autocast_available(device_type):
+        return x, values, bias  # (torch 2.11's dynamo cannot trace is_autocast_available: asked only off CPU/CUDA)
+    if not torch.is_autocast_enabled(device_type):
+        return x, values, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return _cast(x, dtype), _cast(values, dtype), _cast(bias, dtype)
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    castable = t is not None and t.dtype != dtype and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return t.to(dtype) if castable else t

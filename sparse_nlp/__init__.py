@@ -4,15 +4,11 @@
     controller = sparse_nlp.SparsityController(model, optimizer, total_steps=10_000)
     ... loss.backward(); optimizer.step(); controller.step(); optimizer.zero_grad()
 """
-from sparse_nlp.kernels.huge_pages import request_torch_huge_pages
-
-request_torch_huge_pages()  # before this process's first large CPU tensor, where it can (kernels/huge_pages.py)
-
-from sparse_nlp.config import SparsityConfig  # noqa: E402  (after the request above)
-from sparse_nlp.controller import LayerReport, SparsityController  # noqa: E402
-from sparse_nlp.layers.masked import SparseLinear  # noqa: E402
-from sparse_nlp.methods import TopologyMethod, known_methods, register_method  # noqa: E402
-from sparse_nlp.model import sparse_layers, sparsify, unsparsify  # noqa: E402
+from sparse_nlp.config import SparsityConfig
+from sparse_nlp.controller import LayerReport, SparsityController
+from sparse_nlp.layers.masked import SparseLinear
+from sparse_nlp.methods import TopologyMethod, known_methods, register_method
+from sparse_nlp.model import sparse_layers, sparsify, unsparsify
 
 __all__ = [
     "SparsityConfig",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_nlp.kernels import cpu_native
+from sparse_nlp.kernels import native_available
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_overhead.py"
 
@@ -21,7 +21,7 @@ def bench():
 
 
 def test_table_targets_and_json(bench, tmp_path, capsys):
-    backends = (["native"] if cpu_native.available() else []) + ["torch"]
+    backends = (["native"] if native_available() else []) + ["torch"]
     out = tmp_path / "overhead.json"
     result = bench.main(["--rows", "4", "--in_features", "64", "--out_features", "128", "--block", "16",
                          "--density", "0.25", "--backends", *backends, "--samples", "2", "--sample_ms", "1",
@@ -45,5 +45,5 @@ def test_table_targets_and_json(bench, tmp_path, capsys):
 def test_default_backends_on_cpu(bench):
     import torch
 
-    expected = (["native"] if cpu_native.available() else []) + ["torch", "dense"]
+    expected = (["native"] if native_available() else []) + ["torch", "dense"]
     assert bench.default_backends(torch.device("cpu")) == expected

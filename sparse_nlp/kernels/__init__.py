@@ -6,6 +6,11 @@
 
 Triton on CUDA, compiled C kernels (fp32) or a blocked pure-torch path on CPU; see docs/kernels.md. Triton is imported lazily.
 
+The layers, as stk's: layout.py (the format) -> ops.py (checks, the backend choice, one call per op; `linear` is
+what a layer's forward calls) -> library.py (the torch.library operators that torch.compile traces, and the eager
+autograd Function) -> backends/ (one module per backend: triton/, native/, torch_blocked.py, dense.py; BACKENDS names
+them). testing/reference.py is the pure-torch reference the tests hold every backend to.
+
 Where the files live, and why. The kernels' modules sit in the repository's top-level ``kernels/`` folder (the
 design fixes that layout), and that folder has no ``__init__.py`` on purpose: Python puts the working directory (or a
 script's folder) first on ``sys.path``, so a regular package called ``kernels`` in the checkout's root would shadow
@@ -28,9 +33,22 @@ _CHECKOUT_KERNELS = _HERE.parent.parent / "kernels"  # <checkout>/kernels, besid
 if not (_HERE / "ops.py").exists() and (_CHECKOUT_KERNELS / "ops.py").exists():
     __path__.append(str(_CHECKOUT_KERNELS))  # a source checkout: the modules live in the top-level kernels/ folder
 
-from .autograd import BlockSparseLinearFunction, block_sparse_linear
-from .layout import BLOCK_SIZES, BlockSparseLayout, BlockSparseMatrix
-from .ops import BACKENDS, DENSE_THRESHOLD, NATIVE_DENSE_THRESHOLD, dds, dsd, resolve_backend, sdd
+from .backends.native.huge_pages import huge_page_status, request_huge_pages
+from .backends.native.products import available as native_available
+from .backends.native.products import unavailable_reason as native_unavailable_reason
+from .layout import BLOCK_SIZES, BlockSparseLayout, BlockSparseMatrix, LayoutIndex
+from .ops import (
+    BACKENDS,
+    DENSE_THRESHOLD,
+    NATIVE_DENSE_THRESHOLD,
+    autocast_operands,
+    block_sparse_linear,
+    dds,
+    dsd,
+    linear,
+    resolve_backend,
+    sdd,
+)
 
 __all__ = [
     "BLOCK_SIZES",
@@ -39,10 +57,16 @@ __all__ = [
     "NATIVE_DENSE_THRESHOLD",
     "BlockSparseLayout",
     "BlockSparseMatrix",
-    "BlockSparseLinearFunction",
+    "LayoutIndex",
+    "autocast_operands",
     "block_sparse_linear",
+    "linear",
     "dds",
     "dsd",
     "sdd",
     "resolve_backend",
+    "native_available",
+    "native_unavailable_reason",
+    "request_huge_pages",
+    "huge_page_status",
 ]

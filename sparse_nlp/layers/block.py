@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from sparse_nlp import kernels
-from sparse_nlp.kernels import autograd as kernel_autograd, cpu_native, custom_ops, ops as kernel_ops
 from sparse_nlp.layers.base import stores_in_out
 from sparse_nlp.compile_support import let_dynamo_resize_parameters, mark_block_dim_dynamic, swap_tensors
 from sparse_nlp.topology.optimizer_state import scale_slots_from_gradients
 from sparse_nlp.precision import has_fast_bf16
 
 # The layout's index tensors, held as non-persistent buffers "layout_<name>" (checkpoints keep only block_mask).
-INDEX_FIELDS = ("row_indices", "col_indices", "row_offsets", "transpose_perm", "transpose_row_indices", "col_offsets")
+INDEX_FIELDS = kernels.LayoutIndex._fields
 NNZ_SIZED = ("row_indices", "col_indices", "transpose_perm", "transpose_row_indices")  # dim 0 = live blocks
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -140,11 +139,16 @@ class BlockSparseLinear(nn.Module):
 
     @property
     def layout(self) -> kernels.BlockSparseLayout:
-        """The layout over this layer's index buffers (the kernels find it again from them)."""
-        if self._layout is None:
-            index = [getattr(self, "layout_" + name) for name in INDEX_FIELDS]
-            self._layout = custom_ops.register_layout(
-                kernels.BlockSparseLayout(self.weight_shape, self.block_size, *index))
+        """The layout over this layer's index buffers. Eager: one object per topology, so what the kernels keep on it
+        (host plans, packed weights) is kept; under torch.compile a new one over the same buffers, so that a graph
+        holds the buffers and never guards on a cached object (one graph through every topology update)."""
+        compiling = torch.compiler.is_compiling()
+        if compiling or self._layout is None:
+            index = kernels.LayoutIndex(*(getattr(self, "layout_" + name) for name in INDEX_FIELDS))
+            layout = kernels.BlockSparseLayout(self.weight_shape, self.block_size, index)
+            if compiling:
+                return layout
+            self._layout = layout
         return self._layout
 
     @torch.no_grad()
@@ -154,7 +158,7 @@ class BlockSparseLinear(nn.Module):
         backend per compute dtype, so that forward reads a dict and never the layout object."""
         layout = layout.to(self.block_mask.device)
         for name in INDEX_FIELDS:
-            new, key = getattr(layout, name), "layout_" + name
+            new, key = getattr(layout.index, name), "layout_" + name
             current = self._buffers.get(key)
             if current is None or current.device != new.device:
                 self.register_buffer(key, new, persistent=False)
@@ -168,7 +172,7 @@ class BlockSparseLinear(nn.Module):
     def _resolve_backends(self) -> None:
         layout, device = self.layout, self.values.device
         self._backends.clear()  # in place: compiled code guards on the contents
-        self._backends.update({dtype: kernel_ops.resolve_backend(None, device, layout, dtype)
+        self._backends.update({dtype: kernels.resolve_backend(None, device, layout, dtype)
                                for dtype in COMPUTE_DTYPES})
 
     def __getstate__(self):
@@ -193,32 +197,18 @@ class BlockSparseLinear(nn.Module):
     # ---- compute -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Thin: the layout was checked and the backend resolved at the last topology change; what is left is the
-        autocast, two checks on x and the operator call, all traceable by torch.compile."""
-        x2, values, bias = kernel_autograd.autocast_operands(x, self.values, self.bias)
+        autocast, two checks on x and one call into the kernels (eager, compiled, or the native inference path:
+        kernels.linear picks), all traceable by torch.compile."""
+        x2, values, bias = kernels.autocast_operands(x, self.values, self.bias)
         if x2.dim() == 0 or x2.shape[-1] != self.in_features:
             raise ValueError(f"x has shape {tuple(x.shape)} but the layer expects last dim {self.in_features}")
         backend = self._backends.get(x2.dtype)
         if backend is None or x2.device != values.device:
             raise ValueError(f"x is {x2.dtype} on {x2.device} but the weight is {values.dtype} on {values.device}; "
                              "cast/move one to match")
-        if backend == "native" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # Inference on the native kernels (generate, evaluation): straight to the C product. The operator's
-            # dispatch and autograd cost ~90 us a call here, more than the product itself when decoding one token.
-            # Weights that nothing can train (requires_grad off, as block_sparse_for_serving leaves them) keep their
-            # packed copy between calls; trainable ones are repacked each call, since fused optimizers change them
-            # without a version-counter bump.
-            lead = x2.shape[:-1]
-            matrix = kernels.BlockSparseMatrix(values, self.layout)
-            y = cpu_native.dds(x2.reshape(-1, self.in_features), matrix, True, bias,
-                               reuse_packed=not self.values.requires_grad)
-            return y.view(*lead, self.out_features)
-        if torch.compiler.is_compiling():  # the operator over the index buffers: never the layout object
-            index = tuple(getattr(self, "layout_" + name) for name in INDEX_FIELDS)
-            y = kernel_autograd.linear(x2, values, bias, self.out_features, self.in_features, self.block_size,
-                                       backend, index=index)
-        else:
-            y = kernel_autograd.linear(x2, values, bias, self.out_features, self.in_features, self.block_size,
-                                       backend, layout=self.layout)
+        # Weights that nothing can train (requires_grad off, as block_sparse_for_serving leaves them) are static:
+        # the native inference path keeps their packed copy between calls.
+        y = kernels.linear(x2, values, bias, self.layout, backend, static_weights=not self.values.requires_grad)
         probe = self._dense_grad_probe
         if probe is not None and y.requires_grad:
             y = _DenseGradTap.apply(y, x, probe, self._dense_grad_dtype)

@@ -1,5 +1,6 @@
-"""Huge pages without user action: the kernels' buffers are advised for them, torch is asked at import, and the
-status line says which holds (or why not)."""
+"""Huge pages: the kernels' buffers are advised for them always; torch's only when the user asks
+(sparse_nlp.kernels.request_huge_pages(): importing sparse_nlp changes no environment variable); the status line says
+which holds, or why not."""
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sparse_nlp.kernels.huge_pages import (
+from sparse_nlp.kernels.backends.native.huge_pages import (
     HUGE_PAGE,
     THP_ENV,
     _anon_huge_kib,
@@ -15,10 +16,13 @@ from sparse_nlp.kernels.huge_pages import (
     huge_pages_possible,
     system_thp_mode,
 )
-from sparse_nlp.kernels.output_pool import OutputPool
+from sparse_nlp.kernels.backends.native.output_pool import OutputPool
 
 needs_huge_pages = pytest.mark.skipif(not huge_pages_possible(),
                                       reason=f"no transparent huge pages here (mode: {system_thp_mode()})")
+# Where the system gives every large allocation huge pages ("always"), torch gets them unasked: no fallback to see.
+needs_madvise_mode = pytest.mark.skipif(system_thp_mode() != "madvise",
+                                        reason=f"THP mode {system_thp_mode()}: torch's path does not depend on asking")
 
 
 @needs_huge_pages
@@ -52,21 +56,36 @@ def test_pool_outputs_on_an_offset_buffer_hold_their_values():
 def _status_of(script: str, **env) -> str:
     environment = {k: v for k, v in os.environ.items() if k != THP_ENV}
     environment.update(env)
-    code = script + "\nfrom sparse_nlp.kernels.huge_pages import huge_page_status\nprint(huge_page_status())"
+    code = script + "\nfrom sparse_nlp.kernels import huge_page_status\nprint(huge_page_status())"
     done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1]
 
 
+REQUEST = "from sparse_nlp.kernels import request_huge_pages\nrequest_huge_pages()"
+
+
+def test_importing_sparse_nlp_sets_no_environment_variable():
+    environment = {k: v for k, v in os.environ.items() if k != THP_ENV}
+    code = f"import os, sparse_nlp, sparse_nlp.kernels\nprint(os.environ.get({THP_ENV!r}))"
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "None"
+
+
 @needs_huge_pages
-def test_importing_sparse_nlp_gets_torch_huge_pages_and_says_so():
-    assert _status_of("import torch, transformers\nimport sparse_nlp") == (
+def test_requesting_huge_pages_gets_them_for_torch_and_says_so():
+    assert _status_of("import torch, transformers\nimport sparse_nlp\n" + REQUEST) == (
         "huge pages: torch's large CPU tensors and the native kernels' outputs")
 
 
 @needs_huge_pages
+@needs_madvise_mode
 def test_the_fallback_is_reported_with_its_reason():
-    opted_out = _status_of("import sparse_nlp", **{THP_ENV: "0"})
+    not_asked = _status_of("import sparse_nlp")
+    assert not_asked == ("huge pages: the native kernels' outputs only (not requested: call "
+                         f"sparse_nlp.kernels.request_huge_pages() first, or export {THP_ENV}=1)")
+    opted_out = _status_of(REQUEST, **{THP_ENV: "0"})
     assert opted_out == f"huge pages: the native kernels' outputs only ({THP_ENV}=0 was set)"
-    too_late = _status_of("import torch\nx = torch.ones(4 << 20)\nimport sparse_nlp")
-    assert too_late.startswith("huge pages: the native kernels' outputs only (torch allocated before sparse_nlp")
+    too_late = _status_of("import torch\nx = torch.ones(4 << 20)\n" + REQUEST)
+    assert too_late.startswith(f"huge pages: the native kernels' outputs only (torch allocated before {THP_ENV}=1")

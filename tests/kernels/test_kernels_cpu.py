@@ -6,17 +6,25 @@ import torch
 from kernel_cases import LAYOUTS, SIZE_IDS, SIZES, TOL, make_case, make_layout
 
 from sparse_nlp.kernels import (
-    DENSE_THRESHOLD, NATIVE_DENSE_THRESHOLD, BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, dds, dsd, resolve_backend, sdd,
+    DENSE_THRESHOLD,
+    NATIVE_DENSE_THRESHOLD,
+    BlockSparseLayout,
+    BlockSparseMatrix,
+    block_sparse_linear,
+    dds,
+    dsd,
+    resolve_backend,
+    sdd,
 )
-from sparse_nlp.kernels import cpu_native
-from sparse_nlp.kernels.reference import reference_dds, reference_linear, reference_sdd
+from sparse_nlp.kernels.backends.native import products as native
+from sparse_nlp.kernels.testing.reference import reference_dds, reference_linear, reference_sdd
 
 CPU_BACKENDS = ["native", "torch", "dense"]
 
 
 def skip_without_native(backend):
-    if backend == "native" and not cpu_native.available():
-        pytest.skip(f"native kernels unavailable: {cpu_native.unavailable_reason()}")
+    if backend == "native" and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -110,7 +118,7 @@ def test_auto_dispatch_never_sends_cpu_tensors_to_triton(monkeypatch):
     assert sparse.density <= min(DENSE_THRESHOLD[32], NATIVE_DENSE_THRESHOLD[32])
     assert dense.density > max(DENSE_THRESHOLD[32], NATIVE_DENSE_THRESHOLD[32])
     cpu = torch.device("cpu")
-    assert resolve_backend(None, cpu, sparse, torch.float32) == ("native" if cpu_native.available() else "torch")
+    assert resolve_backend(None, cpu, sparse, torch.float32) == ("native" if native.available() else "torch")
     assert resolve_backend(None, cpu, sparse, torch.bfloat16) == "torch"  # the native kernels are fp32
     assert resolve_backend(None, cpu, sparse, torch.float64) == "torch"
     assert resolve_backend(None, cpu, dense) == "dense"
@@ -125,12 +133,12 @@ def test_auto_dispatch_never_sends_cpu_tensors_to_triton(monkeypatch):
 def test_cpu_block_loops_compile_with_torchscript():
     """The per-block loops run as TorchScript (no GIL between GEMMs); a change TorchScript cannot take must fail
     here rather than silently fall back to the slower Python loop."""
-    from sparse_nlp.kernels import cpu
+    from sparse_nlp.kernels.backends import torch_blocked
 
     if not hasattr(torch.jit, "script"):
         pytest.skip("this torch has no TorchScript")
-    assert isinstance(cpu._dds_output_blocks_compiled, torch.jit.ScriptFunction)
-    assert isinstance(cpu._sdd_block_row_compiled, torch.jit.ScriptFunction)
+    assert isinstance(torch_blocked._dds_output_blocks_compiled, torch.jit.ScriptFunction)
+    assert isinstance(torch_blocked._sdd_block_row_compiled, torch.jit.ScriptFunction)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dense"])

@@ -7,8 +7,9 @@ import pytest
 import torch
 from kernel_cases import TOL, make_case
 
-from sparse_nlp.kernels import BlockSparseMatrix, block_sparse_linear, dds, dsd, launchers, sdd
-from sparse_nlp.kernels.reference import reference_dds, reference_linear, reference_sdd
+from sparse_nlp.kernels import BlockSparseMatrix, block_sparse_linear, dds, dsd, sdd
+from sparse_nlp.kernels.backends.triton import launchers
+from sparse_nlp.kernels.testing.reference import reference_dds, reference_linear, reference_sdd
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

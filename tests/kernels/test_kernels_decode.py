@@ -1,21 +1,22 @@
-"""The native kernels' few-row path (decoding): one C call over the forward's packed weights, which are kept on the
-layout until the values change, and the layer's inference path that calls it directly."""
+"""The native kernels' few-row path (decoding): one C call over the forward's packed weights, which `linear` with
+static_weights keeps on the layout until the values change, and the layer's inference path through it."""
 import pytest
 import torch
 from kernel_cases import LAYOUTS, make_case
 
-from sparse_nlp.kernels import BlockSparseMatrix, cpu_native, dds
-from sparse_nlp.kernels.reference import reference_dds
+from sparse_nlp.kernels import BlockSparseMatrix, dds, linear
+from sparse_nlp.kernels.backends.native import products as native
+from sparse_nlp.kernels.testing.reference import reference_dds
 
 needs_native = pytest.mark.skipif(
-    not cpu_native.available(), reason=f"native kernels unavailable: {cpu_native.unavailable_reason()}"
+    not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
 )
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @needs_native
 @pytest.mark.parametrize("kind", LAYOUTS)
-@pytest.mark.parametrize("m", [1, 3, 8, cpu_native.FEW_ROWS, cpu_native.FEW_ROWS + 1])
+@pytest.mark.parametrize("m", [1, 3, 8, native.FEW_ROWS, native.FEW_ROWS + 1])
 def test_few_rows_on_every_layout_kind(kind, m):
     for block in (16, 64):
         x, dy, bias, w = make_case(m, 5 * block, 3 * block, block, kind=kind)
@@ -23,30 +24,37 @@ def test_few_rows_on_every_layout_kind(kind, m):
         torch.testing.assert_close(dds(dy, w, False, backend="native"), reference_dds(dy, w, False), **TOL)
 
 
+@torch.no_grad()
+def served(x, w, bias):
+    """What a frozen layer's forward runs at inference: the public linear, static weights, native backend."""
+    return linear(x, w.values, bias, w.layout, "native", static_weights=True)
+
+
 @needs_native
 def test_packed_weights_follow_in_place_changes_and_new_values():
     x, _, bias, w = make_case(2, 128, 64, 32)
-    first = cpu_native.dds(x, w, True, bias, reuse_packed=True)
+    first = served(x, w, bias)
     cached = w.layout.kernel_cache["native_forward_pack"]
-    assert cpu_native.dds(x, w, True, bias, reuse_packed=True).equal(first)
+    assert served(x, w, bias).equal(first)
     assert w.layout.kernel_cache["native_forward_pack"] is cached  # same values: not packed again
     with torch.no_grad():
         w.values.mul_(-2.0)  # an in-place change moves the version counter
-    torch.testing.assert_close(cpu_native.dds(x, w, True, bias, reuse_packed=True),
-                               reference_dds(x, w, True, bias), **TOL)
+    torch.testing.assert_close(served(x, w, bias), reference_dds(x, w, True, bias), **TOL)
     other = BlockSparseMatrix(torch.randn_like(w.values), w.layout)  # other values, same layout
-    torch.testing.assert_close(cpu_native.dds(x, other, True, bias, reuse_packed=True),
-                               reference_dds(x, other, True, bias), **TOL)
-    torch.testing.assert_close(cpu_native.dds(x, w, True, bias, reuse_packed=True),
-                               reference_dds(x, w, True, bias), **TOL)
+    torch.testing.assert_close(served(x, other, bias), reference_dds(x, other, True, bias), **TOL)
+    torch.testing.assert_close(served(x, w, bias), reference_dds(x, w, True, bias), **TOL)
 
 
 @needs_native
 @pytest.mark.parametrize("rows", [2, 300])
 def test_without_reuse_nothing_is_kept(rows):
-    """The default (every op, training): packed afresh each call, nothing left on the layout."""
+    """The default (every op, training, linear without static_weights): packed afresh each call, nothing left on
+    the layout."""
     x, _, bias, w = make_case(rows, 128, 64, 32)
     torch.testing.assert_close(dds(x, w, True, bias, backend="native"), reference_dds(x, w, True, bias), **TOL)
+    with torch.no_grad():
+        y = linear(x, w.values, bias, w.layout, "native")
+    torch.testing.assert_close(y, reference_dds(x, w, True, bias), **TOL)
     assert "native_forward_pack" not in w.layout.kernel_cache
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from kernel_cases import TOL, make_case, make_layout
 
-from sparse_nlp.kernels import dds, launchers, resolve_backend
-from sparse_nlp.kernels.reference import reference_dds
+from sparse_nlp.kernels import dds, resolve_backend
+from sparse_nlp.kernels.backends.triton import launchers
+from sparse_nlp.kernels.testing.reference import reference_dds
 
 interpreted = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set by conftest without a GPU)"
@@ -21,13 +22,10 @@ def test_tf32_is_read_without_mixing_torchs_precision_apis():
     # a fresh process: the "mixed APIs" state cannot be undone in this one.
     script = """
 import torch
-from sparse_nlp.kernels import launchers
+from sparse_nlp.kernels.backends.triton import launchers
 launchers.interpreting = lambda: False  # the compiled-kernel path, where fp32 follows torch's TF32 setting
 matmul = torch.backends.cuda.matmul
-if hasattr(matmul, "fp32_precision"):  # the new API (torch >= 2.9)
-    set_tf32 = lambda on: setattr(matmul, "fp32_precision", "tf32" if on else "ieee")
-else:  # older torch has only the legacy flag
-    set_tf32 = lambda on: setattr(matmul, "allow_tf32", on)
+set_tf32 = lambda on: setattr(matmul, "fp32_precision", "tf32" if on else "ieee")
 set_tf32(True)
 assert launchers.tf32_enabled() and launchers._input_precision(torch.float32) == "tf32"
 set_tf32(False)

@@ -5,24 +5,35 @@ import pytest
 import torch
 from kernel_cases import make_case, make_layout
 
-from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, dds, sdd
-from sparse_nlp.kernels.launchers import interpreting
+from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, LayoutIndex, block_sparse_linear, dds, sdd
+from sparse_nlp.kernels.backends.triton.launchers import interpreting
 
 
 def test_layout_indices_and_transposed_order():
     mask = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
     layout = BlockSparseLayout.from_block_mask(mask, 16)
     assert layout.shape == (64, 48) and layout.block_size == 16 and layout.num_blocks == 6
-    assert layout.row_indices.tolist() == [0, 0, 2, 2, 3, 3]
-    assert layout.col_indices.tolist() == [0, 2, 0, 1, 1, 2]
-    assert layout.row_offsets.tolist() == [0, 2, 2, 4, 6]
+    index = layout.index
+    assert isinstance(index, LayoutIndex) and all(t.dtype == torch.int32 for t in index)
+    assert index.row_indices.tolist() == [0, 0, 2, 2, 3, 3]
+    assert index.col_indices.tolist() == [0, 2, 0, 1, 1, 2]
+    assert index.row_offsets.tolist() == [0, 2, 2, 4, 6]
     # column-major: (0,0) (2,0) | (2,1) (3,1) | (0,2) (3,2)
-    assert layout.transpose_perm.tolist() == [0, 2, 3, 4, 1, 5]
-    assert layout.transpose_row_indices.tolist() == [0, 2, 2, 3, 0, 3]
-    assert layout.col_offsets.tolist() == [0, 2, 4, 6]
+    assert index.transpose_perm.tolist() == [0, 2, 3, 4, 1, 5]
+    assert index.transpose_row_indices.tolist() == [0, 2, 2, 3, 0, 3]
+    assert index.col_offsets.tolist() == [0, 2, 4, 6]
     assert torch.equal(layout.block_mask(), mask)
     assert layout.device == torch.device("cpu") and layout.to("cpu") is layout
     assert abs(layout.density - 0.5) < 1e-9
+
+
+def test_a_layout_is_rebuilt_from_its_index_tensors_alone():
+    """What the operators do with the tensors they are given (library.py): the same layout, the same tensors."""
+    layout = make_layout("empty_row", 64, 96, 32)
+    rebuilt = BlockSparseLayout.from_index(list(layout.index), 32)
+    assert rebuilt.shape == layout.shape and rebuilt.block_size == 32
+    assert all(a is b for a, b in zip(rebuilt.index, layout.index))
+    assert torch.equal(rebuilt.block_mask(), layout.block_mask())
 
 
 def test_layout_is_immutable():

@@ -8,11 +8,12 @@ import torch
 from kernel_cases import make_case
 
 from sparse_nlp.kernels import BlockSparseLayout, BlockSparseMatrix, block_sparse_linear, dds, resolve_backend, sdd
-from sparse_nlp.kernels import cpu_native, native_build
-from sparse_nlp.kernels.reference import reference_dds, reference_linear, reference_sdd
+from sparse_nlp.kernels.backends.native import build as native_build
+from sparse_nlp.kernels.backends.native import products as native
+from sparse_nlp.kernels.testing.reference import reference_dds, reference_linear, reference_sdd
 
 needs_native = pytest.mark.skipif(
-    not cpu_native.available(), reason=f"native kernels unavailable: {cpu_native.unavailable_reason()}"
+    not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
 )
 TOL = dict(rtol=1e-4, atol=1e-4)
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from kernel_cases import LAYOUTS, SIZE_IDS, SIZES, TOL, make_case
 
-from sparse_nlp.kernels import BlockSparseMatrix, block_sparse_linear, dds, dsd, launchers, sdd
-from sparse_nlp.kernels.reference import reference_dds, reference_linear, reference_sdd
+from sparse_nlp.kernels import BlockSparseMatrix, block_sparse_linear, dds, dsd, sdd
+from sparse_nlp.kernels.backends.triton import launchers
+from sparse_nlp.kernels.testing.reference import reference_dds, reference_linear, reference_sdd
 
 interpreted = pytest.mark.skipif(  # CPU tensors through the interpreter; on a GPU see test_kernels_cuda.py
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (set by conftest without a GPU)"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparse_nlp.kernels.output_pool import OutputPool
+from sparse_nlp.kernels.backends.native.output_pool import OutputPool
 
 # Reuse needs torch's storage use count (a private API, absent from older releases such as 2.6); without it the pool
 # hands out fresh buffers, which test_without_the_use_count_api_nothing_is_reused checks on every release.

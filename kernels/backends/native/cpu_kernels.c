@@ -1,7 +1,7 @@
-/* Block-sparse products on the CPU, fp32: the compiled path behind backend="native" (cpu_native.py).
+/* Block-sparse products on the CPU, fp32: the compiled path behind backend="native" (products.py).
  *
- * Built at first use by native_build.py with the machine's C compiler (-O3 -march=native) and loaded with ctypes;
- * every function is called with the GIL released, one call per task of cpu.py's thread pool.
+ * Built at first use by build.py with the machine's C compiler (-O3 -march=native) and loaded with ctypes;
+ * every function is called with the GIL released, one call per task of cpu_threads.py's thread pool.
  *
  * Why a kernel of our own: the "torch" path gathers each output block's live inputs side by side and calls one
  * thin GEMM per block; BLAS then packs the gathered operand again, so every input is copied twice before a
@@ -35,7 +35,7 @@
 #ifndef DDS_ROWS      /* -DDDS_ROWS=n through $SPARSE_NLP_NATIVE_FLAGS, for tuning on other caches */
 #define DDS_ROWS 96    /* rows of A copied per chunk: RMAX-row tiles over all output blocks reuse them from L2 */
 #endif
-#define SDD_ROWS 256   /* rows of dY and X copied per chunk (cpu_native.py splits dW between threads on these) */
+#define SDD_ROWS 256   /* rows of dY and X copied per chunk (products.py splits dW between threads on these) */
 
 typedef float vf __attribute__((vector_size(VEC * 4), aligned(4)));  /* aligned(4): unaligned loads are fine */
 #define LOAD(p) (*(const vf*)(p))

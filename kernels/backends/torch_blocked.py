@@ -1,82 +1,65 @@
-"""The torch CPU paths: a blocked path (gathered GEMMs over block-rows) and a masked-dense path, plus the thread
-pool that the native kernels (cpu_native.py, the fp32 default where they build) share. The blocked path is the
-fallback: other dtypes, and machines without a C compiler.
+"""Backend "torch": the blocked pure-torch path (gathered GEMMs over block-rows), any device. The CPU fallback where
+the native kernels do not run: other dtypes, machines without a C compiler.
 
-Blocked path, measured on the dev box (2 cores, MKL):
+Measured on the dev box (2 cores, MKL):
 - Y and dX: each output block gets one GEMM over its live inputs gathered side by side, Y[:, i-block] =
   X[:, cols of row i] @ stack(W_ij^T), per chunk of M_CHUNK rows. Gathers go into per-thread workspaces that
   are reused: a fresh multi-MB allocation costs page faults (a 100 MB output alone costs ~55 ms of faults here).
 - dW: one [b, M] @ [M, b] GEMM per live block, b's columns as strided operands (no gather).
 - The GEMMs are thin (one block of output columns); MKL runs those badly on 2 threads (~3-40 GF/s) and well on 1
-  (~80-90 GF/s). So we split the work into tasks (chunks of M for Y and dX, block-rows for dW), run them on a
-  thread pool with BLAS set to one thread for the duration of the call, then restore torch's thread count.
+  (~80-90 GF/s). So the work is split into tasks (chunks of M for Y and dX, block-rows for dW) that run on the
+  thread pool (cpu_threads.py) with BLAS set to one thread for the duration of the call.
 - The per-block loops are TorchScript functions, so a task holds the GIL only to start; in Python the two
   threads queued on each other between GEMMs (fwd+bwd ~4-10% slower at density 0.2, M = 8192).
 - Where time still goes (1 thread, 768->3072, d=0.2): GEMMs at ~81 GF/s on hot gathered operands (~90 in
   isolation), ~10% gathering inputs out of a [M, K] activation that does not fit in cache, and dW at ~65% of the
-  GEMM peak (each [64, M] @ [M, 64] packs both 2 MB operands from strided memory). cpu_kernels.c reads inputs in
-  place instead (no gather, no BLAS packing): 1.33-1.44x this path's fwd+bwd (same run, MLP shapes, 0.2 / 0.1).
+  GEMM peak (each [64, M] @ [M, 64] packs both 2 MB operands from strided memory). The native kernels read inputs
+  in place instead (no gather, no BLAS packing): 1.33-1.44x this path's fwd+bwd (same run, MLP shapes, 0.2 / 0.1).
+
+The loops take per-block-row index lists as Python ints (`HostPlan`), built once per layout and kept in the
+layout's kernel_cache. A layout rebuilt from its index tensors (the operators under torch.compile) builds its plan
+again: O(live blocks) of Python per call, which the compiled CPU torch path pays.
 """
 from __future__ import annotations
 
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
 from typing import Callable, List, Optional
 
 import torch
+from torch import Tensor
 
-from .layout import BlockSparseLayout, BlockSparseMatrix, gather_blocks
+from ..layout import BlockSparseLayout
+from .cpu_threads import M_CHUNK, run_tasks
 
-M_CHUNK = 512  # rows per task for Y and dX: the gathered [M_CHUNK, w] operand stays in L2 (1024: ~5% slower)
-
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_size = 0
-_pool_lock = threading.Lock()
 _workspace = threading.local()
 
 
-def _get_pool(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size != n:
-            if _pool is not None:
-                _pool.shutdown(wait=True)
-            _pool = ThreadPoolExecutor(n, thread_name_prefix="sparse_nlp_cpu", initializer=torch.set_num_threads,
-                                       initargs=(1,))
-            _pool_size = n
-    return _pool
+class HostPlan:
+    """Per-block-row and per-block-column index lists (python ints) of one layout."""
+
+    def __init__(self, layout: BlockSparseLayout):
+        index = layout.index
+        self.row_offsets = index.row_offsets.tolist()
+        self.col_offsets = index.col_offsets.tolist()
+        cols = index.col_indices.tolist()
+        rows_t = index.transpose_row_indices.tolist()
+        ro, co = self.row_offsets, self.col_offsets
+        self.cols_of_row = [cols[ro[i]:ro[i + 1]] for i in range(len(ro) - 1)]  # block-cols live in row i
+        self.rows_of_col = [rows_t[co[j]:co[j + 1]] for j in range(len(co) - 1)]  # block-rows live in col j
+        # The same lists as index tensors: one index_select gathers a block-row's inputs (cheaper than slice + cat).
+        # Views of one tensor each (split), not a tensor per list: the plan is rebuilt per call under torch.compile.
+        self.cols_of_row_index = list(torch.split(index.col_indices.long(), [len(c) for c in self.cols_of_row]))
+        self.rows_of_col_index = list(torch.split(index.transpose_row_indices.long(), [len(r) for r in self.rows_of_col]))
+        self.transpose_perm = index.transpose_perm.long()
 
 
-@contextmanager
-def _single_threaded_blas():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def run_tasks(tasks: list[Callable[[], None]], device: torch.device, blas: bool = True) -> None:
-    """Run tasks on the pool on CPU; serially elsewhere or when there is one thread. blas: the tasks call BLAS,
-    so torch runs it on one thread per task for the duration (the native kernels call none: nothing to switch)."""
-    threads = torch.get_num_threads()
-    nested = threading.current_thread().name.startswith("sparse_nlp_cpu")  # never wait on our own pool
-    if device.type != "cpu" or threads == 1 or len(tasks) <= 1 or nested:
-        for task in tasks:
-            task()
-        return
-    pool = _get_pool(threads)
-    with _single_threaded_blas() if blas else nullcontext():
-        for future in [pool.submit(_without_grad, task) for task in tasks]:
-            future.result()
-
-
-def _without_grad(task: Callable[[], None]) -> None:
-    with torch.no_grad():  # grad mode is per thread: the pool's threads do not inherit the caller's no_grad
-        task()
+def host_plan(layout: BlockSparseLayout) -> HostPlan:
+    """The layout's plan, built at its first product and kept on it."""
+    plan = layout.kernel_cache.get("torch_host_plan")
+    if plan is None:
+        plan = layout.kernel_cache["torch_host_plan"] = HostPlan(layout)
+    return plan
 
 
 def _buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -161,23 +144,17 @@ _dds_output_blocks_compiled = _script(_dds_output_blocks)
 _sdd_block_row_compiled = _script(_sdd_block_row)
 
 
-def blocked_dds(
-    a: torch.Tensor,
-    b: BlockSparseMatrix,
-    transpose_b: bool,
-    bias: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """a [M, K_in] @ (b^T if transpose_b else b) (+ bias) with one gathered GEMM per output block."""
-    out, tasks = _dds_tasks(a, b, transpose_b, bias, out)
+def dds(a: Tensor, values: Tensor, layout: BlockSparseLayout, transpose_b: bool,
+        bias: Optional[Tensor] = None) -> Tensor:
+    """a [M, K_in] @ (W^T if transpose_b else W) (+ bias) with one gathered GEMM per output block."""
+    out, tasks = _dds_tasks(a, values, layout, transpose_b, bias)
     run_tasks(tasks, a.device)
     return out
 
 
-def _dds_tasks(a, b, transpose_b, bias, out) -> tuple[torch.Tensor, list[Callable[[], None]]]:
-    layout, blk = b.layout, b.layout.block_size
-    plan = layout.host_plan
-    v = b.values.detach()
+def _dds_tasks(a, values, layout, transpose_b, bias) -> tuple[Tensor, list[Callable[[], None]]]:
+    blk, plan = layout.block_size, host_plan(layout)
+    v = values.detach()
     if transpose_b:  # output block i = block-row i of W: stack W_ij^T vertically, row-major order
         inputs_of, indices, offsets = plan.cols_of_row, plan.cols_of_row_index, plan.row_offsets
         stack = v.transpose(1, 2).reshape(-1, blk)
@@ -185,8 +162,7 @@ def _dds_tasks(a, b, transpose_b, bias, out) -> tuple[torch.Tensor, list[Callabl
         inputs_of, indices, offsets = plan.rows_of_col, plan.rows_of_col_index, plan.col_offsets
         stack = v.index_select(0, plan.transpose_perm.to(v.device)).reshape(-1, blk)
     m = a.shape[0]
-    if out is None:
-        out = torch.empty(m, len(inputs_of) * blk, dtype=a.dtype, device=a.device)
+    out = torch.empty(m, len(inputs_of) * blk, dtype=a.dtype, device=a.device)
     stack_offsets = list(offsets)
 
     def chunk(m0: int) -> None:
@@ -197,19 +173,20 @@ def _dds_tasks(a, b, transpose_b, bias, out) -> tuple[torch.Tensor, list[Callabl
     return out, [lambda m0=m0: chunk(m0) for m0 in range(0, m, M_CHUNK)]
 
 
-def blocked_sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> BlockSparseMatrix:
-    """Live blocks of a [N, M] @ b [M, K]: per block-row i, one [blk, M] @ [M, blk] GEMM per live block.
+def sdd(a: Tensor, b: Tensor, layout: BlockSparseLayout) -> Tensor:
+    """Live blocks of a [N, M] @ b [M, K], [num_blocks, b, b]: per block-row i, one [blk, M] @ [M, blk] GEMM per
+    live block.
 
     b's column slices go to MKL as strided operands (its packing copies them anyway; gathering them first cost
     ~25% more here). a[i-block] is usually dY^T, a thin strided view: copied once per row to a contiguous [M, blk].
     """
     values, tasks = _sdd_tasks(a, b, layout)
     run_tasks(tasks, a.device)
-    return BlockSparseMatrix(values, layout)
+    return values
 
 
-def _sdd_tasks(a, b, layout) -> tuple[torch.Tensor, list[Callable[[], None]]]:
-    blk, plan = layout.block_size, layout.host_plan
+def _sdd_tasks(a, b, layout) -> tuple[Tensor, list[Callable[[], None]]]:
+    blk, plan = layout.block_size, host_plan(layout)
     m = a.shape[1]
     values = torch.empty(layout.num_blocks, blk, blk, dtype=a.dtype, device=a.device)
 
@@ -221,31 +198,17 @@ def _sdd_tasks(a, b, layout) -> tuple[torch.Tensor, list[Callable[[], None]]]:
     return values, [lambda i=i: row(i) for i, cols in enumerate(plan.cols_of_row) if cols]
 
 
-def blocked_linear_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix, need_x: bool, need_w: bool
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def linear_backward(
+    grad_y: Tensor, x: Tensor, values: Tensor, layout: BlockSparseLayout, need_x: bool, need_w: bool
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """dX = dY @ W and dW = (dY^T @ X) on live blocks, as one batch of tasks (no idle tail between them)."""
     grad_x = grad_values = None
     tasks: list[Callable[[], None]] = []
     if need_w:  # the longer tasks first
-        grad_values, more = _sdd_tasks(grad_y.t(), x, w.layout)
+        grad_values, more = _sdd_tasks(grad_y.t(), x, layout)
         tasks += more
     if need_x:
-        grad_x, more = _dds_tasks(grad_y, w, False, None, None)
+        grad_x, more = _dds_tasks(grad_y, values, layout, False, None)
         tasks += more
     run_tasks(tasks, grad_y.device)
     return grad_x, grad_values
-
-
-def dense_dds(
-    a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Masked-dense path: build W densely and call one GEMM (wins at high density)."""
-    w = b.to_dense().detach()
-    w = w.t() if transpose_b else w
-    return torch.mm(a, w) if bias is None else torch.addmm(bias, a, w)
-
-
-def dense_sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> BlockSparseMatrix:
-    """Masked-dense path: the full product, then its live blocks."""
-    return BlockSparseMatrix(gather_blocks(torch.mm(a, b), layout), layout)

@@ -1,6 +1,8 @@
-"""Triton launchers: pick tiles, allocate (or take) `out`, launch. No input checks here (ops.py does them).
+"""Backend "triton": the launchers of kernels.py's Triton kernels. Pick tiles, allocate the output, launch; no input
+checks here (ops.py does them).
 
-They run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how the tests run them).
+They run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how the tests run them). kernels.py, and with
+it triton, is imported at the first launch, so `import sparse_nlp.kernels` works where triton is missing.
 """
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import os
 from typing import Optional
 
 import torch
+from torch import Tensor
 
-from .layout import BlockSparseLayout, BlockSparseMatrix
+from ...layout import BlockSparseLayout
 
 
 def interpreting() -> bool:
@@ -17,20 +20,18 @@ def interpreting() -> bool:
 
 
 def _kernels():
-    from . import triton_kernels  # lazy: triton is optional for `import sparse_nlp.kernels`
+    from . import kernels  # lazy: triton is optional for `import sparse_nlp.kernels`
 
-    return triton_kernels
+    return kernels
 
 
 def _launch(kernel, like: torch.Tensor):
-    """`kernel` through torch.library.wrap_triton while torch.compile traces the triton_ops of custom_ops.py (`like`
+    """`kernel` through torch.library.wrap_triton while torch.compile traces the triton_ops of library.py (`like`
     is then a fake or functional tensor), so that Inductor sees the launch; the kernel itself in eager calls (no
-    dispatch), under the interpreter (CPU tensors never reach wrap_triton there) and where torch has no
-    wrap_triton."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is None or interpreting() or not _traced(like):
+    dispatch) and under the interpreter (CPU tensors never reach wrap_triton there)."""
+    if interpreting() or not _traced(like):
         return kernel
-    return wrap(kernel)
+    return torch.library.wrap_triton(kernel)
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -71,14 +72,11 @@ def tf32_enabled() -> bool:
     """Whether torch's own fp32 matmuls on CUDA use TF32, read without mixing torch's two precision APIs.
 
     Once the new `fp32_precision` API has been used (transformers does for --tf32), reading the legacy
-    `allow_tf32` (or get_float32_matmul_precision) raises; torch before that API has only the legacy flag.
+    `allow_tf32` (or get_float32_matmul_precision) raises, so only the new API is read.
     """
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is None:
-        return bool(matmul.allow_tf32)
+    precision = torch.backends.cuda.matmul.fp32_precision
     if precision == "none":  # inherits the backend-wide setting
-        precision = getattr(torch.backends, "fp32_precision", "ieee")
+        precision = torch.backends.fp32_precision
     return precision == "tf32"
 
 
@@ -107,28 +105,22 @@ def _dds_tiles(block: int, dtype: torch.dtype, device: Optional[torch.device] = 
     return block_m, warps, _stages(block_m * block + block * block, dtype, 3 if block >= 64 else 4, device)
 
 
-def dds(
-    a: torch.Tensor,
-    b: BlockSparseMatrix,
-    transpose_b: bool,
-    bias: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """out [M, N_out] = a [M, K_in] @ (b^T if transpose_b else b) (+ bias); b is the sparse operand."""
-    layout = b.layout
-    blk = layout.block_size
+def dds(a: Tensor, values: Tensor, layout: BlockSparseLayout, transpose_b: bool,
+        bias: Optional[Tensor] = None) -> Tensor:
+    """out [M, N_out] = a [M, K_in] @ (W^T if transpose_b else W) (+ bias); W = values over layout, the sparse
+    operand."""
+    blk, index = layout.block_size, layout.index
     m = a.shape[0]
     n_out = layout.shape[0] if transpose_b else layout.shape[1]
-    if out is None:
-        out = torch.empty(m, n_out, dtype=a.dtype, device=a.device)
+    out = torch.empty(m, n_out, dtype=a.dtype, device=a.device)
     if m == 0:
         return out
-    v = b.values
+    v = values
     if transpose_b:  # Y = X W^T: walk block-rows of W; tile[k, n] = W_block[n, k]
-        offsets, inner, perm = layout.row_offsets, layout.col_indices, layout.row_offsets  # perm unused
+        offsets, inner, perm = index.row_offsets, index.col_indices, index.row_offsets  # perm unused
         stride_vk, stride_vn, has_perm = v.stride(2), v.stride(1), False
     else:  # dX = dY W: walk block-columns of W through the column-major permutation; tile = W_block
-        offsets, inner, perm = layout.col_offsets, layout.transpose_row_indices, layout.transpose_perm
+        offsets, inner, perm = index.col_offsets, index.transpose_row_indices, index.transpose_perm
         stride_vk, stride_vn, has_perm = v.stride(1), v.stride(2), True
     block_m, warps, stages = _dds_tiles(blk, a.dtype, a.device)
     grid = dds_grid(m, n_out, blk, block_m)
@@ -170,19 +162,12 @@ def _num_splits(num_blocks: int, m: int, device: torch.device) -> int:
     return max(1, min(want, m // 1024))  # keep >= 1024 rows per split so partials stay cheap
 
 
-def sdd(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    layout: BlockSparseLayout,
-    out: Optional[torch.Tensor] = None,
-    num_splits: Optional[int] = None,
-) -> torch.Tensor:
+def sdd(a: Tensor, b: Tensor, layout: BlockSparseLayout, num_splits: Optional[int] = None) -> Tensor:
     """values [num_blocks, blk, blk] of (a [N, M] @ b [M, K]) on the live blocks of `layout`."""
     blk = layout.block_size
     m = a.shape[1]
     nnz = layout.num_blocks
-    if out is None:
-        out = torch.empty(nnz, blk, blk, dtype=a.dtype, device=a.device)
+    out = torch.empty(nnz, blk, blk, dtype=a.dtype, device=a.device)
     if isinstance(nnz, int) and nnz == 0:  # a symbolic count (torch.compile) launches an empty grid instead
         return out
     if m == 0:
@@ -199,7 +184,7 @@ def sdd(
     pstrides = partial.stride()[-3:]
     _launch(_kernels().sdd_kernel, a)[(nnz, splits)](
         a, b, partial,
-        layout.row_indices, layout.col_indices,
+        layout.index.row_indices, layout.index.col_indices,
         m, per_split,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
@@ -210,6 +195,15 @@ def sdd(
     if splits > 1:
         return out.copy_(partial.sum(0))
     return _finish(partial, out)
+
+
+def linear_backward(
+    grad_y: Tensor, x: Tensor, values: Tensor, layout: BlockSparseLayout, need_x: bool, need_w: bool
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The backward from the other two products: dX = dds(dY, W) walks W's column-major order (no transposed copy
+    of W), dW = sdd(dY^T, X) computes only the live blocks."""
+    grad_x = dds(grad_y, values, layout, False) if need_x else None
+    return grad_x, sdd(grad_y.t(), x, layout) if need_w else None
 
 
 def triton_cdiv(x: int, y: int) -> int:

@@ -1,4 +1,4 @@
-"""The compiled CPU path (backend "native"): cpu_kernels.c's fp32 kernels, called through ctypes on cpu.py's pool.
+"""Backend "native": cpu_kernels.c's fp32 kernels (built by build.py), called through ctypes on the CPU thread pool.
 
 ctypes releases the GIL for the length of each call, so the pool's threads compute side by side; no BLAS is
 involved, so torch's thread count is left alone. Tasks:
@@ -14,10 +14,11 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+from torch import Tensor
 
-from . import cpu
-from .layout import BlockSparseLayout, BlockSparseMatrix
-from .native_build import load_native, native_unavailable_reason
+from ...layout import BlockSparseLayout
+from ..cpu_threads import M_CHUNK, run_tasks
+from .build import load_native, native_unavailable_reason
 from .output_pool import OutputPool
 
 NATIVE_DTYPES = (torch.float32,)
@@ -63,30 +64,30 @@ def _checked(status: int) -> None:
 
 
 def dds(
-    a: torch.Tensor, b: BlockSparseMatrix, transpose_b: bool, bias: Optional[torch.Tensor] = None,
+    a: Tensor, values: Tensor, layout: BlockSparseLayout, transpose_b: bool, bias: Optional[Tensor] = None,
     reuse_packed: bool = False,
-) -> torch.Tensor:
-    """a [M, *] @ (b^T if transpose_b else b) (+ bias), fp32, on live blocks only.
+) -> Tensor:
+    """a [M, *] @ (W^T if transpose_b else W) (+ bias), fp32, on live blocks only; W = values over layout.
 
     reuse_packed: keep the forward's packed weights on the layout and reuse them while the values are the same
     tensor at the same version. Only for weights nothing trains: fused optimizers (the Trainer's default AdamW)
     change parameters without moving their version counter, so a trained layer's pack could go stale unseen."""
     if transpose_b and 0 < a.shape[0] <= FEW_ROWS:
-        return few_rows_forward(a, b, bias, reuse_packed)
-    out, tasks = _dds_tasks(a, b, transpose_b, bias, reuse_packed)
-    cpu.run_tasks(tasks, a.device, blas=False)
+        return few_rows_forward(a, values, layout, bias, reuse_packed)
+    out, tasks = _dds_tasks(a, values, layout, transpose_b, bias, reuse_packed)
+    run_tasks(tasks, a.device, blas=False)
     return out
 
 
 def few_rows_forward(
-    a: torch.Tensor, b: BlockSparseMatrix, bias: Optional[torch.Tensor] = None, reuse_packed: bool = False
-) -> torch.Tensor:
+    a: Tensor, values: Tensor, layout: BlockSparseLayout, bias: Optional[Tensor] = None, reuse_packed: bool = False
+) -> Tensor:
     """Y = a @ W^T (+ bias) for a few rows (decoding, small batches): one C call on the caller's thread. Kept thin:
     at M = 1 the product takes ~20 us, and every microsecond of Python here is a share of each generated token;
     with reuse_packed the weights are not even repacked. One thread: handing half the output blocks to a second
     one (a Python pool: ~70-150 us; OpenMP: a few us, but milliseconds whenever another process holds the other
     core) gained nothing measurable at batch 1 and a few percent at batch 8."""
-    packed = _packed_forward_weights(load_native(), b, reuse_packed)
+    packed = _packed_forward_weights(load_native(), values, layout, reuse_packed)
     a = _rows(a)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
@@ -99,18 +100,18 @@ def few_rows_forward(
     return out
 
 
-def _dds_tasks(a, b, transpose_b, bias, reuse_packed=False) -> tuple[torch.Tensor, list[Callable[[], None]]]:
-    """The product as tasks for cpu.run_tasks: chunks of cpu.M_CHUNK rows."""
+def _dds_tasks(a, values, layout, transpose_b, bias, reuse_packed=False) -> tuple[Tensor, list[Callable[[], None]]]:
+    """The product as tasks for run_tasks: chunks of M_CHUNK rows."""
     lib = load_native()
-    layout, blk = b.layout, b.layout.block_size
+    blk, index = layout.block_size, layout.index
     if transpose_b:  # output block i = block-row i of W: its blocks transposed, row-major order
-        offsets, inputs, n_out = layout.row_offsets, layout.col_indices, layout.block_shape[0]
-        stack = _packed_forward_weights(lib, b, reuse_packed).stack
+        offsets, inputs, n_out = index.row_offsets, index.col_indices, layout.block_shape[0]
+        stack = _packed_forward_weights(lib, values, layout, reuse_packed).stack
     else:  # output block j = block-column j of W: its blocks as they are, column-major order
-        offsets, inputs, n_out = layout.col_offsets, layout.transpose_row_indices, layout.block_shape[1]
-        v = b.values.detach().contiguous()
+        offsets, inputs, n_out = index.col_offsets, index.transpose_row_indices, layout.block_shape[1]
+        v = values.detach().contiguous()
         stack = OUTPUTS.empty(tuple(v.shape), v.dtype, v.device)  # the blocks in the kernel's order and tile layout
-        lib.sparse_nlp_pack_blocks(_ptr(v), _ptr(layout.transpose_perm), v.shape[0], blk, 0, _ptr(stack))
+        lib.sparse_nlp_pack_blocks(_ptr(v), _ptr(index.transpose_perm), v.shape[0], blk, 0, _ptr(stack))
     a = _rows(a)
     bias = None if bias is None else bias.detach().contiguous()
     m, lda = a.shape[0], a.stride(0)
@@ -119,13 +120,13 @@ def _dds_tasks(a, b, transpose_b, bias, reuse_packed=False) -> tuple[torch.Tenso
     bias_ptr = None if bias is None else _ptr(bias)
 
     def chunk(m0: int) -> None:
-        rows = min(cpu.M_CHUNK, m - m0)
+        rows = min(M_CHUNK, m - m0)
         _checked(lib.sparse_nlp_dds_f32(
             _ptr(a, m0 * lda), lda, rows, _ptr(stack), _ptr(offsets), _ptr(inputs), n_out, blk, bias_ptr,
             _ptr(out, m0 * ldc), ldc,
         ))
 
-    return out, [lambda m0=m0: chunk(m0) for m0 in range(0, m, cpu.M_CHUNK)]
+    return out, [lambda m0=m0: chunk(m0) for m0 in range(0, m, M_CHUNK)]
 
 
 class PackedForward:
@@ -138,7 +139,7 @@ class PackedForward:
         self.out_features = layout.shape[0]
         self.stack_ptr = stack.data_ptr()
         # Pointers into the layout's index tensors, which live as long as the layout that holds this entry.
-        self.offsets_ptr, self.inputs_ptr = layout.row_offsets.data_ptr(), layout.col_indices.data_ptr()
+        self.offsets_ptr, self.inputs_ptr = layout.index.row_offsets.data_ptr(), layout.index.col_indices.data_ptr()
 
     def matches(self, values: torch.Tensor, version: int) -> bool:
         return (version >= 0 and self.version == version and self.source.data_ptr() == values.data_ptr()
@@ -153,38 +154,38 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def _packed_forward_weights(lib, b: BlockSparseMatrix, reuse: bool) -> PackedForward:
+def _packed_forward_weights(lib, values: Tensor, layout: BlockSparseLayout, reuse: bool) -> PackedForward:
     """W's live blocks packed for the forward kernel: into a recycled buffer each call, or with `reuse` kept on the
     layout and repacked only when the values changed (another tensor, or an in-place change that moved its version
     counter: load_state_dict, copy_). Decoding then reads the weights once per token instead of copying them first
     (at M = 1 the copy cost more than the product)."""
-    values = b.values
     if not reuse:
         stack = OUTPUTS.empty(tuple(values.shape), values.dtype, values.device)
-        lib.sparse_nlp_pack_blocks(_ptr(values.detach().contiguous()), None, values.shape[0], b.layout.block_size, 1,
+        lib.sparse_nlp_pack_blocks(_ptr(values.detach().contiguous()), None, values.shape[0], layout.block_size, 1,
                                    _ptr(stack))
-        return PackedForward(lib, stack, values, -1, b.layout)
+        return PackedForward(lib, stack, values, -1, layout)
     version = _version(values)
-    cache = b.layout.kernel_cache
+    cache = layout.kernel_cache
     entry = cache.get("native_forward_pack")
     if entry is not None and entry.matches(values, version):
         return entry
     v = values.detach().contiguous()
     fits = entry is not None and entry.stack.shape == v.shape and entry.stack.dtype == v.dtype
     stack = entry.stack if fits else torch.empty_like(v)
-    lib.sparse_nlp_pack_blocks(_ptr(v), None, v.shape[0], b.layout.block_size, 1, _ptr(stack))
+    lib.sparse_nlp_pack_blocks(_ptr(v), None, v.shape[0], layout.block_size, 1, _ptr(stack))
     # A detached alias keeps the packed values' storage alive, so no other tensor can take its address while the
     # entry is checked against it; it holds no reference to the parameter itself (swap_tensors still works).
-    entry = cache["native_forward_pack"] = PackedForward(lib, stack, values.detach(), version, b.layout)
+    entry = cache["native_forward_pack"] = PackedForward(lib, stack, values.detach(), version, layout)
     return entry
 
 
-def sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout) -> BlockSparseMatrix:
-    """Live blocks of a [N, M] @ b [M, K], fp32. a is usually dY^T, a transposed view: read as dY's rows."""
+def sdd(a: Tensor, b: Tensor, layout: BlockSparseLayout) -> Tensor:
+    """Live blocks of a [N, M] @ b [M, K], [num_blocks, b, b], fp32. a is usually dY^T, a transposed view: read as
+    dY's rows."""
     values, tasks, finish = _sdd_tasks(a, b, layout)
-    cpu.run_tasks(tasks, a.device, blas=False)
+    run_tasks(tasks, a.device, blas=False)
     finish()
-    return BlockSparseMatrix(values, layout)
+    return values
 
 
 def _sdd_tasks(a, b, layout) -> tuple[torch.Tensor, list[Callable[[], None]], Callable[[], None]]:
@@ -197,7 +198,7 @@ def _sdd_tasks(a, b, layout) -> tuple[torch.Tensor, list[Callable[[], None]], Ca
     parts = max(1, min(torch.get_num_threads(), chunks))
     bounds = [min(m, round(p * chunks / parts) * SDD_ROWS) for p in range(parts + 1)]
     partials = [values] + [OUTPUTS.empty(tuple(values.shape), values.dtype, values.device) for _ in range(parts - 1)]
-    offsets, cols = layout.row_offsets, layout.col_indices
+    offsets, cols = layout.index.row_offsets, layout.index.col_indices
 
     def part(p: int) -> None:
         m0, m1 = bounds[p], bounds[p + 1]
@@ -214,18 +215,18 @@ def _sdd_tasks(a, b, layout) -> tuple[torch.Tensor, list[Callable[[], None]], Ca
 
 
 def linear_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix, need_x: bool, need_w: bool
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    grad_y: Tensor, x: Tensor, values: Tensor, layout: BlockSparseLayout, need_x: bool, need_w: bool
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """dX = dY @ W and dW = dY^T @ X on live blocks, as one batch of tasks (dW's longer tasks first)."""
     grad_x = grad_values = None
     tasks: list[Callable[[], None]] = []
     finish: Callable[[], None] = lambda: None
     if need_w:
-        grad_values, more, finish = _sdd_tasks(grad_y.t(), x, w.layout)
+        grad_values, more, finish = _sdd_tasks(grad_y.t(), x, layout)
         tasks += more
     if need_x:
-        grad_x, more = _dds_tasks(grad_y, w, False, None)
+        grad_x, more = _dds_tasks(grad_y, values, layout, False, None)
         tasks += more
-    cpu.run_tasks(tasks, grad_y.device, blas=False)
+    run_tasks(tasks, grad_y.device, blas=False)
     finish()
     return grad_x, grad_values

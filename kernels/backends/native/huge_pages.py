@@ -1,17 +1,17 @@
-"""Transparent huge pages for large CPU tensors, without the user exporting anything.
+"""Transparent huge pages for large CPU tensors.
 
 On CPU, fresh memory costs its first touch: the kernel zeroes and maps it 4 KiB at a time, and a 100 MB activation
 takes tens of milliseconds of page faults (docs/kernels.md). torch can put its large CPU allocations on 2 MiB pages,
-but only when THP_MEM_ALLOC_ENABLE=1 is in the environment at its first allocation, which users do not know to
-export. Two things here:
+but only when THP_MEM_ALLOC_ENABLE=1 is in the environment at its first allocation. Two things here:
 
-- ``request_torch_huge_pages()`` sets that variable (unless the user set it, to anything) when sparse_nlp is
-  imported. torch reads it once, at its first CPU allocation, so it takes effect when sparse_nlp is imported before
-  the script allocates tensors (importing torch and transformers first is fine); the user's "0" opts out.
+- ``request_huge_pages()`` (public: ``sparse_nlp.kernels.request_huge_pages``) sets that variable, unless the user
+  set it (to anything: "0" opts out). It changes a process-wide setting, so nothing calls it for the user: a script
+  that wants huge pages calls it before it allocates its first large tensor (importing torch and transformers first
+  is fine), as the benchmarks do; the recipes export the variable before importing torch.
 - ``empty_on_huge_pages`` allocates a buffer 2 MiB-aligned and advised with madvise(MADV_HUGEPAGE) whatever torch
-  does: the native kernels' outputs (kernels/output_pool.py) get huge pages even where torch's do not.
+  does: the native kernels' outputs (output_pool.py) get huge pages even where torch's do not.
 
-``huge_page_status()`` says in one line which of these hold (the recipe and bench_kernels print it).
+``huge_page_status()`` says in one line which of these hold (the benchmarks print and record it).
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def request_torch_huge_pages() -> None:
-    """Ask torch for huge pages (before its first CPU allocation), unless the user chose either way."""
+def request_huge_pages() -> None:
+    """Ask torch to put its large CPU tensors on transparent huge pages, unless the user chose either way: sets
+    THP_MEM_ALLOC_ENABLE=1 in this process's environment. torch reads it once, at its first CPU allocation, so call
+    this before allocating tensors; huge_page_status() says afterwards whether it took effect."""
     os.environ.setdefault(THP_ENV, "1")
 
 
@@ -111,6 +113,10 @@ def huge_page_status() -> str:
     if torch_uses_huge_pages():
         return "huge pages: torch's large CPU tensors and the native kernels' outputs"
     told = os.environ.get(THP_ENV)
-    why = (f"{THP_ENV}={told} was set" if told not in (None, "1")
-           else "torch allocated before sparse_nlp was imported; import it first or export THP_MEM_ALLOC_ENABLE=1")
+    if told is None:
+        why = f"not requested: call sparse_nlp.kernels.request_huge_pages() first, or export {THP_ENV}=1"
+    elif told == "1":
+        why = f"torch allocated before {THP_ENV}=1 was set; request huge pages before the first large tensor"
+    else:
+        why = f"{THP_ENV}={told} was set"
     return f"huge pages: the native kernels' outputs only ({why})"

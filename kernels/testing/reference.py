@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .layout import BlockSparseLayout, BlockSparseMatrix, gather_blocks
+from ..layout import BlockSparseLayout, BlockSparseMatrix, gather_blocks
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

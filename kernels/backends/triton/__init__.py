@@ -1,0 +1,1 @@
+"""Backend "triton": launchers.py (tiles, grids, launches) over kernels.py (the @triton.jit kernels)."""

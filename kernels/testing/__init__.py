@@ -1,0 +1,1 @@
+"""What the tests hold the backends against (reference.py); not used by the library itself."""
