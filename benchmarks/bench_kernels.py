@@ -12,7 +12,7 @@ On CUDA (bf16 by default) the table has one row per op and the layer's forward+b
 again at 8,192, on GPT-2 small and medium MLP shapes, blocks 64/128, densities 0.2/0.1. Each op is timed alone
 (fwd: dds with the bias fused; dX: dds on the transposed walk; dW: sdd on live blocks; cuBLAS: the same three
 products as dense matmuls) and set against its roofline floor, max(bytes / HBM bandwidth, useful FLOPs / GEMM peak),
-with the bandwidth and the peak measured at the start of the same run (sparse_nlp.kernels.roofline says how).
+with the bandwidth and the peak measured at the start of the same run (roofline.py beside it says how).
 The layer row (f+b) is block_sparse_linear vs F.linear through autograd, host work included, against the sum of the
 three floors.
 """
@@ -26,6 +26,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from roofline import (  # benchmarks/roofline.py, beside this script
+    Machine,
+    floor_seconds,
+    measure_machine,
+    percent_of_floor,
+)
 
 from sparse_nlp.kernels import (
     BlockSparseLayout,
@@ -38,7 +44,6 @@ from sparse_nlp.kernels import (
     sdd,
 )
 from sparse_nlp.kernels.backends.native.build import load_native, native_unavailable_reason
-from sparse_nlp.kernels.roofline import Machine, floor_seconds, measure_machine, percent_of_floor
 
 # The targets this benchmark checks (forward+backward vs dense, block 64): (device, dtype, shapes, density, ratio).
 TARGETS = [
