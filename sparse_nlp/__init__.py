@@ -1,16 +1,22 @@
 """sparse_nlp: train sparse transformers for language.
 
-    model = sparse_nlp.model(model, density=0.2)                 # patch linear layers in place
+    model = sparse_nlp.sparsify(model, density=0.2)              # patch linear layers in place
     controller = sparse_nlp.SparsityController(model, optimizer, total_steps=10_000)
     ... loss.backward(); optimizer.step(); controller.step(); optimizer.zero_grad()
 """
+from sparse_nlp.compile_support import compile_model
 from sparse_nlp.config import SparsityConfig
 from sparse_nlp.controller import LayerReport, SparsityController
+from sparse_nlp.layers.base import SparseLayer
+from sparse_nlp.layers.block import BlockSparseLinear
 from sparse_nlp.layers.masked import SparseLinear
 from sparse_nlp.methods import TopologyMethod, known_methods, register_method
 from sparse_nlp.model import sparse_layers, sparsify, unsparsify
 
 __all__ = [
+    "BlockSparseLinear",
+    "SparseLayer",
+    "compile_model",
     "SparsityConfig",
     "SparsityController",
     "LayerReport",
