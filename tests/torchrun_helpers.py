@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
+RECIPES = TESTS.parent / "recipes"  # what pyproject's pytest pythonpath gives the suite, for the ranks too
 
 
 # A rank that dies in C++ with this line and no Python traceback: seen once in ~20 CI-sized runs, on a machine
@@ -20,7 +21,8 @@ NATIVE_ABORT = "terminate called without an active exception"
 def run_two_ranks(script: str | Path, *arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                *map(str, arguments)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(TESTS), str(RECIPES), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0 and NATIVE_ABORT in done.stderr and "Error:" not in done.stderr.replace("ChildFailedError:", ""):
         print(f"a rank aborted in native code ({NATIVE_ABORT!r}); running the ranks once more", file=sys.stderr)
