@@ -68,18 +68,18 @@ class SparsityController:
                 )
             self.schedule = schedule_for(config, total_steps)
         self.unit_slices = self._unit_slices(model)  # per layer: [None] (the whole layer), or its q/k/v slices
-        resizing = any(layer.resizable_parameters for _, layer in self.layers)
-        check_sharded_training(model, resizing)  # FSDP1, or block layers under FSDP: one line
+        # Layers that store only their live units (block layers: their values resize): they collect a dense-gradient
+        # window for the momentum of absent units, and DDP skips their values.
+        self._windowed = [i for i, (_, layer) in enumerate(self.layers) if layer.resizable_parameters]
+        self.resizes_parameters = bool(self._windowed)
+        check_sharded_training(model, self.resizes_parameters)  # FSDP1, or block layers under FSDP: one line
         self.apply_masks()  # under FSDP2: shards each mask like its weight (sparse_nlp.parallel.fsdp)
         # Momentum from the optimizer, or a gradient average kept here (not for block layers: see
         # topology/block_scores.py). Indexed by position in self.layers.
         self.momentum = MomentumTracker(
             optimizer, [layer.weight for _, layer in self.layers], config.momentum_beta, config.adam_momentum
         )
-        self._untracked = [i for i, (_, layer) in enumerate(self.layers) if not layer.tracks_gradient_average]
         self.replicas = Replicas()
-        # Layers whose parameters resize (block values): DDP skips them, and they collect a dense-gradient window.
-        self.resizes_parameters = resizing
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # growth draws; distinct from the init's
         self.step_count = 0
         self.update_count = 0
@@ -91,7 +91,7 @@ class SparsityController:
         """After each optimizer step. Returns the update's statistics when the topology changed, else None."""
         self.apply_masks()
         if self.method.needs_momentum:
-            self.momentum.observe(skip=self._untracked)
+            self.momentum.observe(skip=self._windowed)
         self._fold_dense_grads()
         self.step_count += 1
         stats = None
@@ -117,12 +117,14 @@ class SparsityController:
                 interval = self.config.update_interval
                 next_update = -(-upcoming // interval) * interval
                 collect = next_update <= self.schedule.last_update_step and next_update - upcoming < self.config.momentum_window
-        for _, layer in self.layers:
-            layer.collect_dense_gradients(collect)
+        for i in self._windowed:
+            self.layers[i][1].collect_dense_gradients(collect)
 
     def _fold_dense_grads(self) -> None:
         beta = self.config.momentum_beta if self.config.block_momentum == "exact" else None
-        layers = [layer for _, layer in self.layers]
+        layers = [self.layers[i][1] for i in self._windowed]
+        if not layers:
+            return
         # each rank's step is of its local batch: average first (the squares need the whole batch's)
         self.replicas.average_dense_gradients(layers)
         squares = ((self.config.block_scores == "collected" and self.config.adam_momentum == "normalized")

@@ -53,12 +53,11 @@ class SparseLayer(nn.Module):
     """
 
     # Parameters whose size changes at a topology update (block layers' live blocks): DDP must skip them, FSDP
-    # cannot shard them, and a checkpoint may hold another size of them.
+    # cannot shard them, and a checkpoint may hold another size of them. A layer that has them stores only its live
+    # units, so the momentum of absent ones comes from a dense-gradient window (``collect_dense_gradients``), not
+    # from the optimizer or the momentum tracker.
     resizable_parameters: tuple[str, ...] = ()
     unit_size: int = 1  # weights per unit
-    # The momentum tracker keeps its own gradient average for optimizers without momentum (SGD, Adagrad): only for a
-    # parameter of fixed shape. Block layers have the collected dense gradients instead.
-    tracks_gradient_average: bool = True
     target_units: int
     initial_units: Optional[int]
 

@@ -53,7 +53,6 @@ def pool_blocks(dense: torch.Tensor, block_size: int) -> torch.Tensor:
 
 class BlockSparseLinear(SparseLayer):
     resizable_parameters = ("values",)
-    tracks_gradient_average = False  # the absent blocks' momentum comes from the collected dense gradients
 
     def __init__(
         self,
