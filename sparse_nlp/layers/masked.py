@@ -6,8 +6,8 @@ tensor itself, so references to it (optimizers, DDP buffers, hooks) stay valid. 
 first ``apply_mask`` after ``fully_shard`` replaces the whole mask by a DTensor sharded like the weight
 (``sparse_nlp.parallel.fsdp``), once, as ``fully_shard`` itself replaced the weight.
 
-The product: The forward uses ``weight * mask``; the backward hands the *dense* gradient to the weight (a straight-through
-mask). Sparse momentum needs that: the momentum of an absent weight is the optimizer's running average of
+The product: the forward uses ``weight * mask``; the backward hands the *dense* gradient to the weight (a
+straight-through mask). Sparse momentum needs that: the momentum of an absent weight is the optimizer's running average of
 gradients at that position, so gradients must reach masked positions. The controller zeroes masked weights
 after every optimizer step, so the optimizer's updates there never leak into the forward.
 """
