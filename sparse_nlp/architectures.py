@@ -4,6 +4,7 @@
   are queries, keys and values (``fused_qkv="split"``, ``sparse_nlp.topology.fused_qkv``).
 - ``MLP_LAYOUTS``: where each model type keeps its MLP's projections (``sparse_nlp.export.compact_export``).
 - ``ATTENTION_PARTS``: names that mark a linear layer as part of attention rather than the MLP (reports and plots).
+- ``WIDTH_LAYOUTS``: the config fields that set a model family's width, heads and MLP size (``sparse_nlp.width``).
 
 Add a family by adding its row here.
 
@@ -110,3 +111,38 @@ ATTENTION_PARTS = ("attention", "q_proj", "k_proj", "v_proj", "o_proj", "query",
 def is_attention_layer(name: str) -> bool:
     """Attention projection (True) or MLP / other linear layer (False), judged by the layer's name."""
     return any("attn" in part or part in ATTENTION_PARTS for part in name.lower().split("."))
+
+
+# ---- width: the config fields a width multiplier scales -------------------------------------------------------------
+@dataclass(frozen=True)
+class WidthLayout:
+    """The config fields that set a model's width. Widening by F multiplies each by F; the head size stays, so every
+    linear layer of the blocks grows F x F (F^2 weights)."""
+
+    width: str  # the residual stream's width
+    heads: tuple[str, ...]  # head counts: query heads, then key/value heads where they are separate
+    follows: tuple[str, ...]  # other sizes that follow the width (the MLP's); None (derived from the width) stays None
+    divides: tuple[tuple[str, str], ...]  # (a, b): field a must divide field b
+
+
+_LLAMA_WIDTH = WidthLayout(  # head_dim is its own field: hidden_size need not be heads x head_dim
+    "hidden_size", ("num_attention_heads", "num_key_value_heads"), ("intermediate_size",),
+    (("num_key_value_heads", "num_attention_heads"),),
+)
+_GROUPED_HEADS_WIDTH = WidthLayout(  # head size = hidden_size / num_attention_heads
+    "hidden_size", ("num_attention_heads", "num_key_value_heads"), ("intermediate_size",),
+    (("num_attention_heads", "hidden_size"), ("num_key_value_heads", "num_attention_heads")),
+)
+
+# config.model_type -> its width fields
+WIDTH_LAYOUTS = {
+    "gpt2": WidthLayout("n_embd", ("n_head",), ("n_inner",), (("n_head", "n_embd"),)),  # n_inner None: 4 x n_embd
+    "llama": _LLAMA_WIDTH,
+    "mistral": _LLAMA_WIDTH,
+    "qwen2": _GROUPED_HEADS_WIDTH,
+    "phi3": _GROUPED_HEADS_WIDTH,
+    "gpt_neox": WidthLayout("hidden_size", ("num_attention_heads",), ("intermediate_size",),
+                            (("num_attention_heads", "hidden_size"),)),
+    "opt": WidthLayout("hidden_size", ("num_attention_heads",), ("ffn_dim", "word_embed_proj_dim"),
+                       (("num_attention_heads", "hidden_size"),)),
+}

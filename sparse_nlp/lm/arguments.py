@@ -36,6 +36,13 @@ class ModelArguments:
     config_overrides: Optional[str] = field(
         default=None, metadata={"help": "Config changes for a new model, e.g. 'n_layer=2,n_embd=128,n_head=2'."}
     )
+    width_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "Train the sparse model this many times wider than the dense baseline (width and heads x it, "
+                  "head size kept, the MLP following the width; a new model only). --density then counts the "
+                  "baseline's linear weights: each sparse layer keeps density / multiplier^2 of its weights, so 4 "
+                  "with --density 1 gives layer density 0.0625 and as many nonzero linear weights as the baseline."},
+    )
     tokenizer_name: Optional[str] = field(
         default=None,
         metadata={"help": "Tokenizer (hub id or local folder). Default: the pretrained model's, else a byte-level "

@@ -49,6 +49,16 @@ def apportion(total: int, shares: Sequence[float], capacities: Sequence[int]) ->
     return counts
 
 
+def layer_shares(shapes: Sequence[tuple[int, ...]], distribution: str) -> list[float]:
+    """Each layer's share of the active weights, before any layer is capped at dense: its size (``uniform``) or
+    ``sum(shape)`` (``erk``: density eps * sum(shape) / prod(shape), times prod(shape) weights)."""
+    if distribution == "uniform":
+        return [float(math.prod(s)) for s in shapes]
+    if distribution == "erk":
+        return [float(sum(s)) for s in shapes]
+    raise ValueError(f"unknown distribution {distribution!r}; choose uniform or erk.")
+
+
 def plan_nonzeros(shapes: Sequence[tuple[int, ...]], density: float, distribution: str) -> list[int]:
     """Number of active weights per layer so that the total is exactly ``round(density * all weights)``.
 
@@ -57,10 +67,5 @@ def plan_nonzeros(shapes: Sequence[tuple[int, ...]], density: float, distributio
     layers it would make denser than 1 are kept dense and the rest rescaled.
     """
     numels = [math.prod(s) for s in shapes]
-    total = round(density * sum(numels))
-    if distribution == "uniform":
-        return apportion(total, [float(n) for n in numels], numels)
-    if distribution == "erk":
-        # share of layer l = eps * (sum(shape)/prod(shape)) * numel = eps * sum(shape); apportion caps dense layers.
-        return apportion(total, [float(sum(s)) for s in shapes], numels)
-    raise ValueError(f"unknown distribution {distribution!r}; choose uniform or erk.")
+    shares = layer_shares(shapes, distribution)  # apportion caps dense layers
+    return apportion(round(density * sum(numels)), shares, numels)
