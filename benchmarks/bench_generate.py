@@ -57,12 +57,15 @@ def build_dense(args) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
+def build_plain_sparse(args, density: float) -> GPT2LMHeadModel:
+    """A plain model whose linear layers hold zeros outside a random block topology, as a trained and exported
+    (unsparsified) model is, and as save_pretrained would have written it."""
+    return unsparsify(sparsify(build_dense(args), density=density, block_size=args.block_size)).eval()
+
+
 def build_sparse(args, density: float) -> GPT2LMHeadModel:
-    """A model whose linear layers hold zeros outside a random block-64 topology, loaded the way a trained and
-    exported (unsparsified) model is: the zeros say which blocks are live."""
-    model = sparsify(build_dense(args), density=density, block_size=args.block_size)
-    unsparsify(model)  # a plain model with zero blocks, as save_pretrained would have written it
-    return block_sparse_for_serving(model, block_size=args.block_size).eval()
+    """build_plain_sparse's model loaded for serving: the zeros say which blocks are live."""
+    return block_sparse_for_serving(build_plain_sparse(args, density), block_size=args.block_size).eval()
 
 
 def time_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
@@ -74,6 +77,18 @@ def time_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, 
     start, first, last = clock.times[0], clock.times[1], clock.times[-1]
     decoded = prompt.shape[0] * (len(clock.times) - 2)
     return first - start, decoded / (last - first)
+
+
+def interleaved_samples(variants: dict, prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict[str, list]:
+    """One warm-up call of each model (kernels built, caches filled), then `rounds` rounds of one timed call each in
+    turn: {name: [(first-token latency s, decode tokens/s) per round]}."""
+    for model in variants.values():
+        time_generate(model, prompt, new_tokens)
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, model in variants.items():
+            samples[name].append(time_generate(model, prompt, new_tokens))
+    return samples
 
 
 def run(args) -> dict:
@@ -88,12 +103,7 @@ def run(args) -> dict:
     results = []
     for batch in args.batches:
         prompt = torch.randint(1, args.vocab, (batch, args.prompt), generator=generator).to(device)
-        for model in variants.values():  # warm-up: kernels built, caches filled
-            time_generate(model, prompt, args.new_tokens)
-        samples = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, model in variants.items():
-                samples[name].append(time_generate(model, prompt, args.new_tokens))
+        samples = interleaved_samples(variants, prompt, args.new_tokens, args.rounds)
         dense_rate = statistics.median(s[1] for s in samples["dense"])
         for name, runs in samples.items():
             rate = statistics.median(s[1] for s in runs)

@@ -72,13 +72,14 @@ def build_model(args, shape: tuple[int, int, int]) -> GPT2LMHeadModel:
 class Variant:
     """One model + optimizer (+ controller) that trains whole cycles and records tokens/s per cycle."""
 
-    def __init__(self, args, shape: tuple[int, int, int], device: torch.device, precision: str, density: float | None):
+    def __init__(self, args, shape: tuple[int, int, int], device: torch.device, precision: str, density: float | None,
+                 method: str = "momentum"):
         self.precision, self.density, self.device = precision, density, device
         self.name = "dense" if density is None else f"block {args.block_size}, density {density}, {args.block_momentum}"
         self.model = build_model(args, shape)
         if density is not None:
-            sparsify(self.model, density=density, block_size=args.block_size, block_momentum=args.block_momentum,
-                     update_interval=args.cycle, momentum_window=args.window)
+            sparsify(self.model, density=density, method=method, block_size=args.block_size,
+                     block_momentum=args.block_momentum, update_interval=args.cycle, momentum_window=args.window)
         self.model.to(device)
         self.forward = self.model
         if is_distributed():  # torchrun: DDP skips the resizable block values; train_cycle syncs their gradients
@@ -217,25 +218,41 @@ def target_lines(rows: list[dict], device_type: str = "cpu") -> list[str]:
     return lines
 
 
+def training_batch(args, device: torch.device) -> torch.Tensor:
+    """The one batch every step of every variant trains on: random tokens (speed does not depend on them)."""
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    return batch.to(device)
+
+
+def warm_up(variants: list[Variant], batch: torch.Tensor, cycle: int) -> float:
+    """One untimed cycle of each variant (allocations, optimizer state, the first update); the seconds it took."""
+    start = time.perf_counter()
+    for variant in variants:
+        variant.train_cycle(batch, cycle)
+        variant.updates = 0
+    return time.perf_counter() - start
+
+
+def time_rounds(variants: list[Variant], batch: torch.Tensor, cycle: int, rounds: int, rank0: bool = True) -> None:
+    """`rounds` rounds of one timed cycle of each variant in turn (interleaved); each cycle's tokens/s is appended
+    to its variant's ``tokens_per_second``."""
+    for round_index in range(rounds):
+        for variant in variants:
+            variant.tokens_per_second.append(variant.train_cycle(batch, cycle))
+        if rank0:
+            print(f"round {round_index + 1}/{rounds} done", flush=True)
+
+
 def time_model(args, device: torch.device, name: str, shape, densities, rank0: bool) -> list[dict]:
     """Build one model's variants, warm each up for a cycle, time `rounds` interleaved cycles: one row each."""
     variants = [Variant(args, shape, device, precision, density)
                 for precision in args.precisions for density in [None, *densities]]
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
-    batch = batch.to(device)
-    start = time.perf_counter()
-    for variant in variants:
-        variant.train_cycle(batch, args.cycle)  # warm-up: allocations, optimizer state, the first update
-        variant.updates = 0
+    batch = training_batch(args, device)
+    warm = warm_up(variants, batch, args.cycle)
     if rank0:
-        warm = time.perf_counter() - start
         print(f"{name} {shape[1]} x {shape[0]}: warm-up cycle {warm:.0f} s; {args.rounds} timed round(s) will take "
               f"about {warm * args.rounds:.0f} s", flush=True)
-    for round_index in range(args.rounds):
-        for variant in variants:
-            variant.tokens_per_second.append(variant.train_cycle(batch, args.cycle))
-        if rank0:
-            print(f"round {round_index + 1}/{args.rounds} done", flush=True)
+    time_rounds(variants, batch, args.cycle, args.rounds, rank0)
     rows = []
     for variant in variants:
         dense = next(v for v in variants if v.precision == variant.precision and v.density is None)
@@ -310,11 +327,16 @@ def main(argv=None) -> dict:
     for line in target_lines(rows, device.type):
         print(line)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.output}")
+        write_json(result, args.output)
     return result
+
+
+def write_json(result: dict, path: str) -> None:
+    """Write the results to `path` (its folders made as needed) and say so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
