@@ -184,7 +184,7 @@ def sdd(
 
 def linear(
     x: Tensor, values: Tensor, bias: Optional[Tensor], layout: BlockSparseLayout, backend: str, *,
-    static_weights: bool = False,
+    weights_revision: Optional[int] = None,
 ) -> Tensor:
     """x [..., K] -> [..., N] = x @ W^T + bias, W = `values` [num_blocks, b, b] over `layout` ([N, K]),
     differentiable w.r.t. x, values and bias. Unchecked: the caller has checked the operands and resolved `backend`
@@ -195,10 +195,11 @@ def linear(
       dispatch, which at a few rows cost more than the product;
     - eager otherwise: library.EagerLinear, the same products without the dispatcher, the layout object at hand.
 
-    static_weights: the values change only through ops that move their version counter (load_state_dict, copy_),
-    as weights nothing trains do; the native no-grad path then keeps its packed copy of them on the layout between
-    calls instead of packing them again. Never for trained weights: fused optimizers (the Trainer's default AdamW)
-    change parameters without moving the counter, so a kept pack would go stale unseen.
+    weights_revision: None (the default) packs the weights afresh on each native no-grad call. A number lets that
+    path keep its packed copy on the layout between calls, while the values are the same tensor at the same
+    version and the caller passes the same number. The caller promises to pass another number whenever the values
+    may have changed without moving their version counter: fused optimizers (the Trainer's default AdamW) change
+    parameters in place without moving it. BlockSparseLinear passes its weights_revision (see its forward).
     """
     n, k = layout.shape
     lead = x.shape[:-1]
@@ -206,10 +207,16 @@ def linear(
     if torch.compiler.is_compiling():
         y = library.linear(x2, values, bias, list(layout.index), layout.block_size, backend)
     elif backend == "native" and not torch.is_grad_enabled():
-        y = native.dds(x2, values, layout, True, bias, reuse_packed=static_weights)
+        y = native.dds(x2, values, layout, True, bias, weights_revision=weights_revision)
     else:
         y = library.EagerLinear.apply(x2, values, bias, layout, backend)  # [M, N]
     return y.view(*lead, n)
+
+
+def release_kept_weights(layout: BlockSparseLayout) -> None:
+    """Free what `linear` keeps of the weights on `layout` (the native pack, a copy of the live blocks), for a
+    layer that will not reuse it soon (one going back to training)."""
+    native.release_packed_weights(layout)
 
 
 def block_sparse_linear(

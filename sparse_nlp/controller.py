@@ -1,13 +1,17 @@
 """`SparsityController`: drives the topology of a sparsified model during training, beside any optimizer.
 
 Call ``step()`` after every ``optimizer.step()`` (and before ``zero_grad``): it zeroes masked weights, keeps the
-momentum statistics, advances the schedule and updates the topology when due. The optimizer is never wrapped.
+momentum statistics, advances the schedule and updates the topology when due. The optimizer is never wrapped; the
+controller registers one step post-hook on it (``register_step_post_hook``, that optimizer only), which tells the
+sparse layers their weights may have changed (fused optimizers do not move the version counter that kept copies of
+the weights are checked against); it is removed when the controller is garbage-collected.
 
 Each update's statistics come back from ``step()`` / ``update()``; ``density_history`` keeps every layer's density
 at the start and after each update (saved with the controller, so a resumed run keeps the whole history).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,6 +89,9 @@ class SparsityController:
         self.update_count = 0
         self.density_history: list[dict] = [self._density_record()]  # {"step": s, "densities": {layer: density}}
         self._plan_dense_grad_collection()
+        # The hook holds the layers, not the controller, so that dropping the controller removes it.
+        hook = optimizer.register_step_post_hook(_weights_changed_hook([layer for _, layer in self.layers]))
+        weakref.finalize(self, hook.remove)
 
     # ---- training-loop hooks -------------------------------------------------------------------------------
     def step(self) -> Optional[dict]:
@@ -275,3 +282,13 @@ class SparsityController:
         self.momentum.load_state_dict(state["momentum"])
         for name, layer in self.layers:
             layer.load_dense_gradient_state(state["dense_grads"].get(name))
+
+
+def _weights_changed_hook(layers: list):
+    """An optimizer step post-hook that tells `layers` their weights may have changed."""
+
+    def weights_changed(optimizer, args, kwargs) -> None:
+        for layer in layers:
+            layer.mark_weights_changed()
+
+    return weights_changed

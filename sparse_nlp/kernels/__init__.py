@@ -46,6 +46,7 @@ from .ops import (
     dds,
     dsd,
     linear,
+    release_kept_weights,
     resolve_backend,
     sdd,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "autocast_operands",
     "block_sparse_linear",
     "linear",
+    "release_kept_weights",
     "dds",
     "dsd",
     "sdd",

@@ -89,6 +89,10 @@ class SparseLayer(nn.Module):
     def apply_mask(self) -> None:
         """Make absent weights exactly 0 (after every optimizer step)."""
 
+    def mark_weights_changed(self) -> None:
+        """The weights may have changed without moving their version counter (a fused optimizer's step; the
+        controller says so after each step of its optimizer): drop what is derived from them. Nothing by default."""
+
     def collect_dense_gradients(self, collect: bool) -> None:
         """Whether the next backward also collects the dense weight gradient (for the momentum of absent units).
         Layers whose weight gradient is dense already have nothing to do."""

@@ -13,6 +13,16 @@ For the momentum of *absent* blocks the layer can collect the dense weight gradi
 (``collect_dense_gradients``); the controller decides when (every step: ``exact``; a window before updates:
 ``fast``), and ``sparse_nlp.layers.dense_grad`` keeps its moments.
 
+Generation right after training runs as fast as a served model's (``block_sparse_for_serving``): the native CPU
+path under no_grad keeps its packed copy of the live blocks between calls instead of repacking them per call. For
+trainable values it does so only in eval mode, and it repacks when the values may have changed: another tensor,
+another version (load_state_dict, copy_, foreach/for-loop optimizers), or another weights revision, a counter this
+layer moves at every topology change and at every step of the optimizer a ``SparsityController`` drives (its
+step hook calls ``mark_weights_changed``); a train()/eval() switch drops the copy. Fused optimizers (the Trainer's
+default AdamW) change parameters without moving their version counter, hence the revision. What stays unseen: an
+optimizer no controller knows about, stepped while the model stays in eval mode, between no-grad calls (call
+``mark_weights_changed()`` on the layers, or switch modes, after such a step), and writes through ``.data``.
+
 The number of live blocks is a symbolic size under torch.compile (one graph through every update); that needs
 dynamo's ``force_parameter_static_shapes`` off, which ``sparse_nlp.compile`` (and ``SparseTrainer`` with
 ``torch_compile``) turn off: building a layer changes no process-wide setting.
@@ -81,6 +91,7 @@ class BlockSparseLinear(SparseLayer):
         self._dense_grad_step: Optional[torch.Tensor] = None  # this optimizer step's dY^T X (micro-batches summed)
         self.dense_grads = DenseGradientMoments()  # their moments over the window (or every step)
         self._layout = None  # kernels.BlockSparseLayout over the layout_* buffers, rebuilt when they change
+        self._weights_revision = 0  # moved whenever the values may have changed unseen by their version counter
         self._backends: dict = {}  # compute dtype -> backend on values' device, resolved once per topology
         self._set_layout(kernels.BlockSparseLayout.from_block_mask(self.block_mask, block_size))
         mark_block_dim_dynamic(self.values)
@@ -176,6 +187,7 @@ class BlockSparseLinear(SparseLayer):
             else:
                 current.set_(new)
         self._layout = None
+        self._weights_revision += 1  # new values and layout: nothing kept of the old ones applies
         self._resolve_backends()
 
     def _resolve_backends(self) -> None:
@@ -215,13 +227,33 @@ class BlockSparseLinear(SparseLayer):
         if backend is None or x2.device != values.device:
             raise ValueError(f"x is {x2.dtype} on {x2.device} but the weight is {values.dtype} on {values.device}; "
                              "cast/move one to match")
-        # Weights that nothing can train (requires_grad off, as block_sparse_for_serving leaves them) are static:
-        # the native inference path keeps their packed copy between calls.
-        y = kernels.linear(x2, values, bias, self.layout, backend, static_weights=not self.values.requires_grad)
+        y = kernels.linear(x2, values, bias, self.layout, backend, weights_revision=self._kept_weights_revision())
         probe = self._dense_grad_probe
         if probe is not None and y.requires_grad:
             y = DenseGradTap.apply(y, x, probe, self._dense_grad_dtype)
         return y
+
+    def _kept_weights_revision(self) -> Optional[int]:
+        """What lets the native no-grad path keep its pack of the weights (see the module docstring), or None: pack
+        afresh. Static values (requires_grad off, as block_sparse_for_serving leaves them) keep it in any mode;
+        trainable ones in eval mode only. Never read while compiling: a graph would guard on the counter."""
+        if torch.compiler.is_compiling() or (self.training and self.values.requires_grad):
+            return None
+        return self._weights_revision
+
+    def mark_weights_changed(self) -> None:
+        """The values may have changed without moving their version counter (a fused optimizer's step): the next
+        no-grad call repacks them."""
+        self._weights_revision += 1
+
+    def train(self, mode: bool = True) -> "BlockSparseLinear":
+        """A mode switch frees the pack the native no-grad path kept of the weights: the weights may change on
+        either side of it (an optimizer no controller drives, stepped in train mode), and training never reuses
+        it, so it holds no memory there."""
+        super().train(mode)
+        if self._layout is not None:
+            kernels.release_kept_weights(self._layout)
+        return self
 
     # ---- the dense gradient, for the momentum of absent blocks (sparse_nlp.layers.dense_grad) ---------------
     @property

@@ -1,5 +1,5 @@
 """The native kernels' few-row path (decoding): one C call over the forward's packed weights, which `linear` with
-static_weights keeps on the layout until the values change, and the layer's inference path through it."""
+weights_revision keeps on the layout until the values change, and the layer's inference path through it."""
 import pytest
 import torch
 from kernel_cases import LAYOUTS, make_case
@@ -27,7 +27,7 @@ def test_few_rows_on_every_layout_kind(kind, m):
 @torch.no_grad()
 def served(x, w, bias):
     """What a frozen layer's forward runs at inference: the public linear, static weights, native backend."""
-    return linear(x, w.values, bias, w.layout, "native", static_weights=True)
+    return linear(x, w.values, bias, w.layout, "native", weights_revision=0)
 
 
 @needs_native
@@ -48,7 +48,7 @@ def test_packed_weights_follow_in_place_changes_and_new_values():
 @needs_native
 @pytest.mark.parametrize("rows", [2, 300])
 def test_without_reuse_nothing_is_kept(rows):
-    """The default (every op, training, linear without static_weights): packed afresh each call, nothing left on
+    """The default (every op, training, linear without weights_revision): packed afresh each call, nothing left on
     the layout."""
     x, _, bias, w = make_case(rows, 128, 64, 32)
     torch.testing.assert_close(dds(x, w, True, bias, backend="native"), reference_dds(x, w, True, bias), **TOL)

@@ -65,29 +65,31 @@ def _checked(status: int) -> None:
 
 def dds(
     a: Tensor, values: Tensor, layout: BlockSparseLayout, transpose_b: bool, bias: Optional[Tensor] = None,
-    reuse_packed: bool = False,
+    weights_revision: Optional[int] = None,
 ) -> Tensor:
     """a [M, *] @ (W^T if transpose_b else W) (+ bias), fp32, on live blocks only; W = values over layout.
 
-    reuse_packed: keep the forward's packed weights on the layout and reuse them while the values are the same
-    tensor at the same version. Only for weights nothing trains: fused optimizers (the Trainer's default AdamW)
-    change parameters without moving their version counter, so a trained layer's pack could go stale unseen."""
+    weights_revision: None packs the forward's weights afresh each call. A number keeps the pack on the layout and
+    reuses it while the values are the same tensor, at the same version, and the caller passes the same number:
+    the caller moves it whenever the values may have changed without moving their version counter (a fused
+    optimizer's step: the Trainer's default AdamW changes parameters in place without it)."""
     if transpose_b and 0 < a.shape[0] <= FEW_ROWS:
-        return few_rows_forward(a, values, layout, bias, reuse_packed)
-    out, tasks = _dds_tasks(a, values, layout, transpose_b, bias, reuse_packed)
+        return few_rows_forward(a, values, layout, bias, weights_revision)
+    out, tasks = _dds_tasks(a, values, layout, transpose_b, bias, weights_revision)
     run_tasks(tasks, a.device, blas=False)
     return out
 
 
 def few_rows_forward(
-    a: Tensor, values: Tensor, layout: BlockSparseLayout, bias: Optional[Tensor] = None, reuse_packed: bool = False
+    a: Tensor, values: Tensor, layout: BlockSparseLayout, bias: Optional[Tensor] = None,
+    weights_revision: Optional[int] = None,
 ) -> Tensor:
     """Y = a @ W^T (+ bias) for a few rows (decoding, small batches): one C call on the caller's thread. Kept thin:
     at M = 1 the product takes ~20 us, and every microsecond of Python here is a share of each generated token;
-    with reuse_packed the weights are not even repacked. One thread: handing half the output blocks to a second
+    with a weights_revision the weights are not even repacked. One thread: handing half the output blocks to a second
     one (a Python pool: ~70-150 us; OpenMP: a few us, but milliseconds whenever another process holds the other
     core) gained nothing measurable at batch 1 and a few percent at batch 8."""
-    packed = _packed_forward_weights(load_native(), values, layout, reuse_packed)
+    packed = _packed_forward_weights(load_native(), values, layout, weights_revision)
     a = _rows(a)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
@@ -100,13 +102,13 @@ def few_rows_forward(
     return out
 
 
-def _dds_tasks(a, values, layout, transpose_b, bias, reuse_packed=False) -> tuple[Tensor, list[Callable[[], None]]]:
+def _dds_tasks(a, values, layout, transpose_b, bias, weights_revision=None) -> tuple[Tensor, list[Callable[[], None]]]:
     """The product as tasks for run_tasks: chunks of M_CHUNK rows."""
     lib = load_native()
     blk, index = layout.block_size, layout.index
     if transpose_b:  # output block i = block-row i of W: its blocks transposed, row-major order
         offsets, inputs, n_out = index.row_offsets, index.col_indices, layout.block_shape[0]
-        stack = _packed_forward_weights(lib, values, layout, reuse_packed).stack
+        stack = _packed_forward_weights(lib, values, layout, weights_revision).stack
     else:  # output block j = block-column j of W: its blocks as they are, column-major order
         offsets, inputs, n_out = index.col_offsets, index.transpose_row_indices, layout.block_shape[1]
         v = values.detach().contiguous()
@@ -129,20 +131,26 @@ def _dds_tasks(a, values, layout, transpose_b, bias, reuse_packed=False) -> tupl
     return out, [lambda m0=m0: chunk(m0) for m0 in range(0, m, M_CHUNK)]
 
 
+PACK_KEY = "native_forward_pack"  # where a kept pack lives in the layout's kernel_cache
+
+
 class PackedForward:
     """W's live blocks transposed, in the forward kernel's tile layout, with what a few-row call needs as plain
-    integers."""
+    integers; kept ones also remember what they were packed from (the values, their version, the caller's
+    weights revision)."""
 
-    def __init__(self, lib, stack: torch.Tensor, source: torch.Tensor, version: int, layout: BlockSparseLayout):
-        self.lib, self.stack, self.source, self.version = lib, stack, source, version
+    def __init__(self, lib, stack: torch.Tensor, source: torch.Tensor, version: int, revision: Optional[int],
+                 layout: BlockSparseLayout):
+        self.lib, self.stack, self.source, self.version, self.revision = lib, stack, source, version, revision
         self.block, self.out_blocks = layout.block_size, layout.block_shape[0]
         self.out_features = layout.shape[0]
         self.stack_ptr = stack.data_ptr()
         # Pointers into the layout's index tensors, which live as long as the layout that holds this entry.
         self.offsets_ptr, self.inputs_ptr = layout.index.row_offsets.data_ptr(), layout.index.col_indices.data_ptr()
 
-    def matches(self, values: torch.Tensor, version: int) -> bool:
-        return (version >= 0 and self.version == version and self.source.data_ptr() == values.data_ptr()
+    def matches(self, values: torch.Tensor, version: int, revision: int) -> bool:
+        return (version >= 0 and self.version == version and self.revision == revision
+                and self.source.data_ptr() == values.data_ptr()
                 and self.stack.shape == values.shape and self.stack.dtype == values.dtype)
 
 
@@ -154,20 +162,21 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def _packed_forward_weights(lib, values: Tensor, layout: BlockSparseLayout, reuse: bool) -> PackedForward:
-    """W's live blocks packed for the forward kernel: into a recycled buffer each call, or with `reuse` kept on the
-    layout and repacked only when the values changed (another tensor, or an in-place change that moved its version
-    counter: load_state_dict, copy_). Decoding then reads the weights once per token instead of copying them first
-    (at M = 1 the copy cost more than the product)."""
-    if not reuse:
+def _packed_forward_weights(lib, values: Tensor, layout: BlockSparseLayout, revision: Optional[int]) -> PackedForward:
+    """W's live blocks packed for the forward kernel: into a recycled buffer each call (revision None), or kept on
+    the layout and repacked only when the values changed: another tensor, an in-place change that moved its version
+    counter (load_state_dict, copy_, a foreach optimizer), or another `revision` (what the caller moves for changes
+    the counter misses). Decoding then reads the weights once per token instead of copying them first (at M = 1
+    the copy cost more than the product)."""
+    if revision is None:
         stack = OUTPUTS.empty(tuple(values.shape), values.dtype, values.device)
         lib.sparse_nlp_pack_blocks(_ptr(values.detach().contiguous()), None, values.shape[0], layout.block_size, 1,
                                    _ptr(stack))
-        return PackedForward(lib, stack, values, -1, layout)
+        return PackedForward(lib, stack, values, -1, None, layout)
     version = _version(values)
     cache = layout.kernel_cache
-    entry = cache.get("native_forward_pack")
-    if entry is not None and entry.matches(values, version):
+    entry = cache.get(PACK_KEY)
+    if entry is not None and entry.matches(values, version, revision):
         return entry
     v = values.detach().contiguous()
     fits = entry is not None and entry.stack.shape == v.shape and entry.stack.dtype == v.dtype
@@ -175,8 +184,14 @@ def _packed_forward_weights(lib, values: Tensor, layout: BlockSparseLayout, reus
     lib.sparse_nlp_pack_blocks(_ptr(v), None, v.shape[0], layout.block_size, 1, _ptr(stack))
     # A detached alias keeps the packed values' storage alive, so no other tensor can take its address while the
     # entry is checked against it; it holds no reference to the parameter itself (swap_tensors still works).
-    entry = cache["native_forward_pack"] = PackedForward(lib, stack, values.detach(), version, layout)
+    entry = cache[PACK_KEY] = PackedForward(lib, stack, values.detach(), version, revision, layout)
     return entry
+
+
+def release_packed_weights(layout: BlockSparseLayout) -> None:
+    """Drop the pack kept on `layout` (and the values' storage its entry holds), if there is one."""
+    if "kernel_cache" in layout.__dict__:  # a cached_property not yet read: nothing kept, and none made here
+        layout.kernel_cache.pop(PACK_KEY, None)
 
 
 def sdd(a: Tensor, b: Tensor, layout: BlockSparseLayout) -> Tensor:
