@@ -43,9 +43,10 @@ from sparse_nlp.lm.arguments import (  # noqa: E402
     with_default_precision,
 )
 from sparse_nlp.lm.plots import write_training_plot  # noqa: E402
-from sparse_nlp.lm.reporting import RunResult, format_table, write_results  # noqa: E402
+from sparse_nlp.lm.reporting import RunResult, comparison_line, format_table, write_results  # noqa: E402
 from sparse_nlp.lm.speed import kernel_speed_settings, measure_kernel_speedup  # noqa: E402
 from sparse_nlp.lm.training import build_model, prepare_data, train_one, use_all_cores  # noqa: E402
+from sparse_nlp.lm.widening import widened_sparse_run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -78,20 +79,32 @@ def warmup_warning(training_args: TrainingArguments) -> Optional[str]:
             "or fewer steps.")
 
 
-def planned_runs(sparsity: SparsityConfig, training_args: LMTrainingArguments) -> list[tuple[str, SparsityConfig]]:
-    if sparsity.method == DENSE or sparsity.density == 1.0:
-        return [("dense", dataclasses.replace(sparsity, method=DENSE, density=1.0))]
-    runs = [("sparse", sparsity)]
+def planned_runs(model_args, sparsity: SparsityConfig,
+                 training_args: LMTrainingArguments) -> list[tuple[str, ModelArguments, SparsityConfig]]:
+    """(run name, model flags, sparsity) of each run: the sparse model (widened by --width_multiplier), the same
+    method fine-grained (--fine_grained_baseline, with a block-sparse run) and the dense model of the base shape."""
+    dense = ("dense", model_args, dataclasses.replace(sparsity, method=DENSE, density=1.0, block_size=1))
+    widened = model_args.width_multiplier != 1
+    if sparsity.method == DENSE or (sparsity.density == 1.0 and not widened):
+        if widened:
+            raise ValueError("--width_multiplier widens the sparse run and --method dense trains none: set the dense "
+                             "model's width with --config_overrides (e.g. n_embd=1024,n_head=16).")
+        return [dense]
+    sparse_args, sparse = widened_sparse_run(model_args, sparsity)  # raises one-line ValueErrors
+    runs = [("sparse", sparse_args, sparse)]
+    if training_args.fine_grained_baseline and sparse.block_size > 1:
+        runs.append(("fine-grained", sparse_args, dataclasses.replace(sparse, block_size=1)))
     if training_args.dense_baseline:
-        runs.append(("dense", dataclasses.replace(sparsity, method=DENSE, density=1.0)))
+        runs.append(dense)
     return runs
 
 
 def kernel_speed_note(model_args, sparsity: SparsityConfig, training_args, tokenizer) -> Optional[str]:
-    """One line on what block-sparse kernels gain on this model's layer shapes at the run's density (a few seconds)."""
-    if sparsity.method == DENSE or sparsity.density >= 1.0:
+    """For a fine-grained run, one line on what block-sparse kernels would gain on this model's layer shapes at the
+    run's density (a few seconds); a block-sparse run's own tokens/s say it already."""
+    if sparsity.method == DENSE or sparsity.density >= 1.0 or sparsity.block_size > 1:
         return None
-    block_size = sparsity.block_size if sparsity.block_size > 1 else 64
+    block_size = 64
     model = build_model(model_args, tokenizer).to(training_args.device)
     tokens, dtype = kernel_speed_settings(training_args.device,
                                           training_args.per_device_train_batch_size * model_args.seq_length,
@@ -101,28 +114,37 @@ def kernel_speed_note(model_args, sparsity: SparsityConfig, training_args, token
     return speed.describe() if speed is not None else None
 
 
+def widening_note(model_args, runs) -> Optional[str]:
+    """What --width_multiplier did, in one line, or None."""
+    multiplier = model_args.width_multiplier
+    if multiplier == 1 or runs[0][0] != "sparse":
+        return None
+    sparse = runs[0][2]
+    return (f"--width_multiplier {multiplier:g}: the sparse model is {multiplier:g}x wider than the dense one, each of "
+            f"its linear layers at density {sparse.density:.4g} (--density {sparse.density * multiplier ** 2:g} / "
+            f"{multiplier:g}^2), so it holds --density x the dense model's linear weights.")
+
+
 def run(model_args, data_args, sparsity, training_args) -> list[RunResult]:
     start = time.time()
-    blocks, tokenizer = prepare_data(model_args, data_args, training_args)
-    runs = planned_runs(sparsity, training_args)
+    runs = planned_runs(model_args, sparsity, training_args)
+    # the first run's model is the largest (widened): check memory and sequence length against it
+    blocks, tokenizer = prepare_data(runs[0][1], data_args, training_args)
     results = []
-    for name, config in runs:
-        results.append(train_one(name, config, model_args, data_args, training_args, blocks, tokenizer, len(runs) == 1))
+    for name, run_args, config in runs:
+        results.append(train_one(name, config, run_args, data_args, training_args, blocks, tokenizer, len(runs) == 1))
     if training_args.should_save:
-        notes = [
-            f"Same model shape, steps and tokens per run: {results[0].train_tokens:,} training tokens of "
-            f"{model_args.seq_length}-token sequences; perplexity over sliding windows of {model_args.seq_length} "
-            f"tokens. Total wall time {time.time() - start:.0f} s.",
-        ]
-        speed = kernel_speed_note(model_args, sparsity, training_args, tokenizer)
+        notes = [line for line in (comparison_line(results), widening_note(model_args, runs)) if line]
+        notes.append(
+            f"Same steps and tokens per run: {results[0].train_tokens:,} training tokens of {model_args.seq_length}-"
+            f"token sequences; perplexity over sliding windows of {model_args.seq_length} tokens; train memory: "
+            f"weights, gradients and optimizer state. Total wall time {time.time() - start:.0f} s.")
+        speed = kernel_speed_note(runs[0][1], runs[0][2], training_args, tokenizer)
         if speed:
             notes.append(speed)
         json_path, md_path = write_results(results, training_args.output_dir, notes)
-        written = [json_path, md_path]
-        try:
-            written.append(write_training_plot(results, os.path.join(training_args.output_dir, "training.png")))
-        except ImportError as err:  # matplotlib is optional
-            print(err)
+        written = [json_path, md_path, write_training_plot(results, os.path.join(training_args.output_dir,
+                                                                                   "training.png"))]
         print("\n" + format_table(results) + "\n\n" + "\n".join(notes) + f"\nWritten to {', '.join(written[:-1])} and {written[-1]}.")
     return results
 

@@ -1,7 +1,6 @@
 """recipes/train_lm.py end to end on tiny settings: local text, a local pretrained model, one-line errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -40,7 +39,8 @@ def _tiny_flags(output_dir, cache, *extra):
     return [
         "--output_dir", str(output_dir), "--data_cache_dir", str(cache), "--config_overrides", "n_layer=1,n_embd=32,n_head=2",
         "--seq_length", "32", "--vocab_size", "300", "--max_steps", "4", "--update_interval", "2", "--save_steps", "2",
-        "--logging_steps", "2", "--per_device_train_batch_size", "16", "--disable_tqdm", "true", *extra,
+        "--logging_steps", "2", "--per_device_train_batch_size", "16", "--disable_tqdm", "true", "--block_size", "1",
+        *extra,
     ]
 
 
@@ -66,28 +66,14 @@ def test_local_text_trains_sparse_and_dense(text_files, tmp_path, capsys):
     assert [step for step, _ in saved["runs"][0]["loss_history"]] == [2, 4] == [s for s, _ in saved["runs"][1]["loss_history"]]
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("| run") and "| h.0.attn.c_attn " not in markdown and "| attn.c_attn " in markdown
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
-        assert f"{tmp_path / 'results.md'} and {tmp_path / 'training.png'}." in printed
+    assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"{tmp_path / 'results.md'} and {tmp_path / 'training.png'}." in printed
     # the final sparse model is a plain transformers model whose zeros are the mask
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
     weight = final.transformer.h[0].mlp.c_fc.weight
     assert 0 < (weight != 0).float().mean() < 0.5
-
-
-def test_without_matplotlib_the_recipe_says_how_to_get_the_plot(text_files, tmp_path, capsys, monkeypatch):
-    for name in ("matplotlib", "matplotlib.figure"):
-        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError, as on a machine without it
-    train, valid, cache = text_files
-    train_lm.main(_tiny_flags(tmp_path, cache, "--train_file", str(train), "--validation_file", str(valid),
-                              "--dense_baseline", "false", "--max_steps", "2"))
-    printed = capsys.readouterr().out
-    hints = [line for line in printed.splitlines() if 'pip install -e ".[plot]"' in line]
-    assert len(hints) == 1 and "matplotlib is not installed" in hints[0]
-    assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").is_file()
-    assert not (tmp_path / "training.png").exists() and "training.png." not in printed
 
 
 def test_pretrained_model_from_a_local_folder(text_files, tmp_path):
@@ -204,7 +190,7 @@ def test_kernel_line_times_the_training_dtype_at_8192_rows_or_more_on_a_gpu(monk
     monkeypatch.setattr(train_lm, "build_model", lambda model_args, tokenizer: torch.nn.Identity())
     monkeypatch.setattr(train_lm, "measure_kernel_speedup",
                         lambda model, tokens, dtype, **kwargs: timed.update(tokens=tokens, dtype=dtype))
-    sparsity = train_lm.SparsityConfig(density=0.2, block_size=64)
+    sparsity = train_lm.SparsityConfig(density=0.2, block_size=1)  # a fine-grained run: what blocks would gain
     training_args = SimpleNamespace(device=torch.device(device), per_device_train_batch_size=16, bf16=bf16, fp16=False)
     assert train_lm.kernel_speed_note(SimpleNamespace(seq_length=32), sparsity, training_args, None) is None
     assert (timed["tokens"], timed["dtype"]) == expected
@@ -241,6 +227,63 @@ def test_block_sparse_run_says_which_path_ran_and_resumes(text_files, tmp_path):
     flags[flags.index("--max_steps") + 1] = "6"
     (resumed,) = train_lm.main(flags + ["--resume_from_checkpoint", "last"])
     assert resumed.train_tokens == 6 * 16 * 32 and resumed.density == pytest.approx(10 / 48)
+
+
+def test_block_sparse_run_beside_fine_grained_and_dense_reports_speed_and_memory(text_files, tmp_path, capsys):
+    train, valid, cache = text_files
+    flags = _tiny_flags(tmp_path, cache, "--train_file", str(train), "--validation_file", str(valid),
+                        "--block_size", "16", "--fine_grained_baseline", "true", "--eval_steps", "2")
+    block, fine, dense = train_lm.main(flags)
+    assert (block.run, fine.run, dense.run) == ("sparse", "fine-grained", "dense")
+    assert block.compute_path.startswith("block 16: ") and fine.compute_path == "masked dense"
+    assert dense.compute_path == "dense" and block.width == fine.width == dense.width == 32
+    # the same linear layers counted in each row: 32x96, 32x32, 32x128, 128x32 at density 1 in the dense model
+    assert dense.linear_nonzeros == 32 * (96 + 32 + 128 + 128)
+    assert block.linear_nonzeros == 10 * 16 * 16 and fine.linear_nonzeros == pytest.approx(0.2 * dense.linear_nonzeros, abs=2)
+    # live blocks only: weights, gradients and AdamW state shrink; fine-grained holds dense ones plus its masks
+    assert block.training_state_bytes < dense.training_state_bytes < fine.training_state_bytes
+    assert [step for step, _, _ in block.validation_history] == [2, 4]  # the curve in training.png
+    assert [(step, loss) for step, _, loss in dense.loss_curve] == dense.loss_history
+    assert all(seconds is not None and seconds > 0 for _, seconds, _ in dense.loss_curve)
+    printed = capsys.readouterr().out
+    assert "The sparse model (block 16: " in printed and "x the dense model's tokens/s" in printed
+    assert "train memory" in printed.splitlines()[[i for i, line in enumerate(printed.splitlines())
+                                                   if line.startswith("| run")][-1]]
+    assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_width_multiplier_trains_a_wider_sparse_model_with_the_dense_models_linear_weights(text_files, tmp_path,
+                                                                                             capsys):
+    train, valid, cache = text_files
+    flags = _tiny_flags(tmp_path, cache, "--train_file", str(train), "--validation_file", str(valid),
+                        "--block_size", "16", "--width_multiplier", "2", "--density", "0.5", "--max_steps", "2")
+    sparse, dense = train_lm.main(flags)
+    assert (sparse.width, dense.width) == (64, 32)
+    assert sparse.density == pytest.approx(0.125, abs=0.01)  # 0.5 / 2^2 per layer
+    assert sparse.linear_nonzeros == dense.linear_nonzeros // 2  # --density of the base dense model's weights
+    printed = capsys.readouterr().out
+    assert "--width_multiplier 2: the sparse model is 2x wider" in printed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--width_multiplier", "0.5"], "width_multiplier must be a number >= 1"),
+    (["--width_multiplier", "1.25"], "not a whole number"),  # 2 heads x 1.25
+    (["--width_multiplier", "2", "--method", "dense"], "--method dense trains none"),
+    (["--width_multiplier", "2", "--density", "0.001"], "without a live"),
+])
+def test_width_multiplier_bad_combinations_fail_in_one_line(text_files, tmp_path, flags, message):
+    train, valid, cache = text_files
+    base = _tiny_flags(tmp_path, cache, "--train_file", str(train), "--validation_file", str(valid),
+                       "--block_size", "16")
+    with pytest.raises(SystemExit, match=message) as error:
+        train_lm.main(base + flags)
+    assert "\n" not in str(error.value)
+
+
+def test_recipe_defaults_train_block_sparse_and_evaluate_for_the_curve(tmp_path):
+    _, _, sparsity, training_args = train_lm.parse_args(["--output_dir", str(tmp_path)])
+    assert sparsity.block_size == 64 and sparsity.density == 0.2
+    assert training_args.eval_strategy == "steps" and training_args.eval_steps == 50
 
 
 def test_warmup_is_a_fifth_of_the_run_by_default(tmp_path):
@@ -321,7 +364,7 @@ def test_validation_during_training_gives_a_curve_and_leaves_the_training_as_it_
     train, valid, cache = text_files
     flags = _tiny_flags(tmp_path / "plain", cache, "--train_file", str(train), "--validation_file", str(valid),
                         "--dense_baseline", "false")
-    (plain,) = train_lm.main(flags)
+    (plain,) = train_lm.main(flags + ["--eval_strategy", "no"])
     flags[flags.index("--output_dir") + 1] = str(tmp_path / "evaluated")
     (evaluated,) = train_lm.main(flags + ["--eval_strategy", "steps", "--eval_steps", "2"])
     assert plain.validation_history == []

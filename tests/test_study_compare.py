@@ -1,7 +1,6 @@
 """Runs of different studies side by side, one row each, against the first."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import replace
 
@@ -30,15 +29,12 @@ def test_each_run_is_a_row_against_the_first_even_where_names_repeat(tmp_path):
     assert "| 6,400 |" in lines[1] and "-10.0%" in lines[1]
     assert "| 512   |" in lines[2] and "+10.0%" in lines[2] and "(busy)" in lines[2]
     assert "a note" in table
-    if importlib.util.find_spec("matplotlib"):  # the plots: every run against its time, the longer run's curve
-        assert [os.path.basename(p) for p in paths[2:]] == ["comparison.png", "study_curves.png"]
-        assert all(os.path.getsize(p) > 0 for p in paths[2:])
-    else:
-        assert len(paths) == 2
+    # the plots: every run against its time, the longer run's curve
+    assert [os.path.basename(p) for p in paths[2:]] == ["comparison.png", "study_curves.png"]
+    assert all(os.path.getsize(p) > 0 for p in paths[2:])
 
 
 def test_the_time_plot_needs_a_timed_run(tmp_path):
-    pytest.importorskip("matplotlib")
     from study.time_plot import write_time_plot
 
     untimed = replace(study_row("dense", 1.0, 0, 40.0), train_seconds=None)

@@ -78,17 +78,14 @@ def write_comparison(runs: Sequence[tuple[str, StudyResult]], output_dir: str, t
         f.write("\n")
     with open(paths[1], "w", encoding="utf-8") as f:
         f.write(format_comparison(runs, title, notes))
-    try:  # matplotlib is optional
-        if any(r.train_seconds is not None for _, r in runs):
-            from study.time_plot import TIME_PLOT_FILE, write_time_plot
+    if any(r.train_seconds is not None for _, r in runs):
+        from study.time_plot import TIME_PLOT_FILE, write_time_plot
 
-            paths.append(write_time_plot(runs, os.path.join(output_dir, TIME_PLOT_FILE)))
-        if any(r.validation_history for _, r in runs):
-            from study.curve_plot import CURVES_FILE, write_validation_curves
+        paths.append(write_time_plot(runs, os.path.join(output_dir, TIME_PLOT_FILE)))
+    if any(r.validation_history for _, r in runs):
+        from study.curve_plot import CURVES_FILE, write_validation_curves
 
-            paths.append(write_validation_curves([r for _, r in runs], os.path.join(output_dir, CURVES_FILE)))
-    except ImportError as err:
-        print(err)
+        paths.append(write_validation_curves([r for _, r in runs], os.path.join(output_dir, CURVES_FILE)))
     return paths
 
 

@@ -11,17 +11,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from sparse_nlp.lm.plots import INSTALL_HINT
-
 CURVES_FILE = "study_curves.png"
 
 
 def write_validation_curves(results: Sequence, path: str) -> str:
     """Draw every result that has a validation history; return ``path``. ValueError when none has one."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(f"no curve plot: matplotlib is not installed ({INSTALL_HINT}).") from err
+    from matplotlib.figure import Figure
     runs = [r for r in results if r.validation_history]
     if not runs:
         raise ValueError("no run has a validation history: train with --eval_strategy steps --eval_steps N.")

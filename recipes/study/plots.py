@@ -22,7 +22,7 @@ from typing import Sequence
 
 from sparse_nlp.architectures import is_attention_layer
 from sparse_nlp.config import DENSE
-from sparse_nlp.lm.plots import INSTALL_HINT, plot_densities
+from sparse_nlp.lm.plots import plot_densities
 from study.curve_plot import CURVES_FILE, write_validation_curves
 from study.grid import StudyResult
 from study.tables import StudyGroup, aggregate
@@ -32,11 +32,7 @@ PLOT_FILES = ("study_perplexity.png", "study_layer_density.png", "study_speed.pn
 
 def write_study_plots(results: Sequence[StudyResult], output_dir: str, layer_density: float = 0.1) -> list[str]:
     """Draw the three plots into ``output_dir``; return their paths (a plot without data says so in its figure)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(f"no study plots: matplotlib is not installed ({INSTALL_HINT} to get {', '.join(PLOT_FILES)} "
-                          f"in {output_dir}; study.md, .csv and .json are written without it).") from err
+    from matplotlib.figure import Figure
     groups = aggregate(results)
     paths = [os.path.join(output_dir, name) for name in PLOT_FILES]
     for path, draw in zip(paths, (_perplexity, _layer_density, _speed)):

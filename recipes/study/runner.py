@@ -113,6 +113,13 @@ class StudyModelArguments(ModelArguments):
 
 
 @dataclass
+class StudyDataArguments(DataArguments):
+    curve_eval_sequences: Optional[int] = field(
+        default=None, metadata={"help": "Validation sequences scored at each evaluation during training "
+                                "(--eval_strategy steps). Default: the whole split."})
+
+
+@dataclass
 class StudyTrainingArguments(LMTrainingArguments):
     output_dir: Optional[str] = field(default="runs/study_lm", metadata={"help": "Where the runs and tables go."})
     # 1,600 steps: at 400 the methods could not be told apart; ~1.2 epochs of the corpus at this vocabulary.
@@ -123,6 +130,10 @@ class StudyTrainingArguments(LMTrainingArguments):
     save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps (an interrupted run resumes)."})
     save_total_limit: Optional[int] = field(default=1, metadata={"help": "Checkpoints kept per run."})
     dense_baseline: bool = field(default=False, metadata={"help": "Not used by the study: see --methods."})
+    # The study evaluates during training only when asked (--eval_strategy steps --eval_steps N), on the whole
+    # validation split unless --curve_eval_sequences says otherwise.
+    eval_strategy: str = field(default="no", metadata={"help": "When to score validation during training."})
+    eval_steps: Optional[float] = field(default=None, metadata={"help": "Score validation every N steps."})
 
 
 def _study_sparsity_arguments() -> type:
@@ -146,11 +157,15 @@ def parse_args(argv: list[str]):
         argv = QUICK_FLAGS + argv
     argv = with_default_precision(argv)
     parser = HfArgumentParser(
-        (StudyModelArguments, DataArguments, StudySparsityArguments, StudyArguments, StudyTrainingArguments))
+        (StudyModelArguments, StudyDataArguments, StudySparsityArguments, StudyArguments, StudyTrainingArguments))
     model_args, data_args, sparsity_args, study, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.model_name_or_path:
         raise ValueError("the study trains every model from scratch (small-dense needs a config): use --config_name "
                          "or --config_overrides instead of --model_name_or_path.")
+    if model_args.width_multiplier != 1:
+        raise ValueError("the study trains every run at one width: widen with --config_overrides (e.g. "
+                         "n_embd=1024,n_head=16) and the densities by hand, or use recipes/train_lm.py "
+                         "--width_multiplier.")
     study.block_methods = [m for m in study.block_methods if m.lower() != "none"]
     study.methods = [m for m in study.methods if m.lower() != "none"]  # e.g. block runs only
     options = dataclasses.asdict(sparsity_args)
@@ -272,10 +287,7 @@ def run_study(model_args, data_args, sparsity_options, study: StudyArguments, tr
                          "(drop --tables_only to train them).")
     if not training_args.should_save:
         return results
-    try:
-        written += write_study_plots(results, training_args.output_dir, study.layer_density)
-    except ImportError as err:  # matplotlib is optional
-        print(err)
+    written += write_study_plots(results, training_args.output_dir, study.layer_density)
     print(f"\n{len(results)} runs ({trained} trained now) in {time.time() - start:.0f} s. Written: {', '.join(written)}.")
     return results
 

@@ -12,17 +12,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from sparse_nlp.lm.machine_load import is_quiet
-from sparse_nlp.lm.plots import INSTALL_HINT
 
 TIME_PLOT_FILE = "comparison.png"
 
 
 def write_time_plot(runs: Sequence, path: str) -> str:
     """Draw every (study, result) with a training time; return ``path``. ValueError when none has one."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(f"no comparison plot: matplotlib is not installed ({INSTALL_HINT}).") from err
+    from matplotlib.figure import Figure
     timed = [(study, run) for study, run in runs if run.train_seconds is not None]
     if not timed:
         raise ValueError("no run has a training time to plot.")

@@ -19,6 +19,7 @@ from torch import nn
 
 from sparse_nlp.integrations.console import short_layer_names
 from sparse_nlp.layers.base import overall_density, sparse_layers
+from sparse_nlp.model import find_target_layers
 
 
 @dataclass
@@ -40,14 +41,24 @@ class RunResult:
     other_load: Optional[float] = None  # share of the cores other processes used while it trained (lm.machine_load)
     # (step, training seconds, validation perplexity) per evaluation during training (--eval_strategy steps)
     validation_history: list[tuple] = field(default_factory=list)
+    # (step, training seconds, training loss) per log: the loss curve against wall time as well as steps
+    loss_curve: list[tuple] = field(default_factory=list)
+    width: Optional[int] = None  # hidden size of the trained model (--width_multiplier widens the sparse one)
+    linear_nonzeros: int = 0  # nonzero weights of the sparsified linear layers (all of them for a dense run)
+    # bytes of weights and buffers (masks included) + one gradient per trainable parameter + optimizer state, as
+    # held at the end of training (block layers' dense-gradient window sums, held before each update, not included)
+    training_state_bytes: int = 0
 
 
 COLUMNS = (  # (header, how to format a row)
     ("run", lambda r: r.run),
     ("method", lambda r: r.method),
     ("path", lambda r: r.compute_path),
+    ("width", lambda r: "-" if r.width is None else str(r.width)),
     ("density", lambda r: f"{r.density:.3f}"),
-    ("nonzero params", lambda r: f"{r.nonzero_params / 1e6:.2f}M of {r.total_params / 1e6:.2f}M"),
+    ("linear nonzeros", lambda r: f"{r.linear_nonzeros / 1e6:.2f}M"),
+    ("all nonzeros", lambda r: f"{r.nonzero_params / 1e6:.2f}M of {r.total_params / 1e6:.2f}M"),
+    ("train memory", lambda r: format_bytes(r.training_state_bytes)),
     ("val ppl", lambda r: _ppl(r.val_perplexity)),
     ("test ppl", lambda r: _ppl(r.test_perplexity)),
     ("tokens/s", lambda r: f"{r.tokens_per_second:,.0f}"),
@@ -71,6 +82,42 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             total += layer.weight_shape[0] * layer.weight_shape[1]
             nonzero += layer.nonzeros
     return nonzero, total
+
+
+def training_state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
+    """Bytes a training step keeps between steps: weights and buffers, one gradient per trainable parameter, and the
+    optimizer's state. A block-sparse layer's weights are its live blocks only, so all three shrink with density;
+    a fine-grained layer holds dense weights, gradients and state plus its mask."""
+    def size(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())  # a tied tensor once
+    total = sum(size(p) for p in params) + sum(size(b) for b in model.buffers())
+    total += sum(size(p) for p in params if p.requires_grad)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            total += sum(size(v) for v in state.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def format_bytes(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count else "-"
+
+
+def comparison_line(rows: Sequence[RunResult]) -> Optional[str]:
+    """One line for the first sparse row against the dense row: speed, perplexity gap and memory, or None."""
+    dense = next((r for r in rows if r.method == "dense" and r.run == "dense"), None)
+    sparse = next((r for r in rows if r.method != "dense"), None)
+    if dense is None or sparse is None or not dense.tokens_per_second:
+        return None
+    speed = sparse.tokens_per_second / dense.tokens_per_second
+    gap = sparse.val_perplexity / dense.val_perplexity - 1
+    line = (f"The {sparse.run} model ({sparse.compute_path}, density {sparse.density:.2f}) trained at "
+            f"{speed:.2f}x the dense model's tokens/s (topology updates and their dense-gradient windows included), "
+            f"validation perplexity {gap:+.1%} against dense")
+    if sparse.training_state_bytes and dense.training_state_bytes:
+        line += f", in {sparse.training_state_bytes / dense.training_state_bytes:.2f}x its training memory"
+    return line + "."
 
 
 def format_table(rows: Sequence[RunResult]) -> str:
@@ -124,6 +171,19 @@ def _ppl(value: Optional[float]) -> str:
 def format_duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes}m{seconds:02d}s"
+
+
+def count_linear_nonzeros(model: nn.Module) -> int:
+    """Nonzero weights of the sparse layers; for a model without any, the weights of the layers ``sparsify`` would
+    target by default (every linear layer but the LM head), so that sparse and dense rows count the same layers."""
+    layers = sparse_layers(model)
+    if layers:
+        return sum(layer.nonzeros for _, layer in layers)
+    try:
+        targets = find_target_layers(model)
+    except ValueError:  # no linear layer to target
+        return 0
+    return sum(int(layer.weight.numel()) for _, layer in targets)
 
 
 @torch.no_grad()

@@ -31,10 +31,17 @@ from sparse_nlp.lm.arguments import DataArguments, ModelArguments
 from sparse_nlp.lm.data import group_token_counts, load_text_dataset, pack_into_blocks, tokenize_texts
 from sparse_nlp.lm.evaluation import concatenate_token_ids, evaluate_perplexity
 from sparse_nlp.lm.machine_load import OtherLoad
-from sparse_nlp.lm.reporting import RunResult, count_parameters, describe_compute_path, linear_density
+from sparse_nlp.lm.reporting import (
+    RunResult,
+    count_linear_nonzeros,
+    count_parameters,
+    describe_compute_path,
+    linear_density,
+    training_state_bytes,
+)
 from sparse_nlp.lm.sequence_length import check_corpus_fits, check_model_fits, check_model_takes_data, sequences_needed
 from sparse_nlp.lm.tokenizer import load_tokenizer
-from sparse_nlp.lm.training_clock import TrainingClock, validation_curve
+from sparse_nlp.lm.training_clock import CLOCK_KEY, TrainingClock, validation_curve
 from sparse_nlp.parallel.fsdp import whole_state_dict
 
 # The default model: GPT-2's architecture at nanoGPT's "baby" scale, sized so that the sparse and the dense run
@@ -137,6 +144,16 @@ def resume_point(training_args: TrainingArguments, run_dir: str, single_run: boo
     return wanted
 
 
+def curve_validation_blocks(blocks, data_args: DataArguments):
+    """The validation sequences the Trainer scores during training (the curve in training.png): the first
+    ``--curve_eval_sequences`` of the split, or all of it (None, or 0 or less)."""
+    validation = blocks.get("validation")
+    limit = data_args.curve_eval_sequences
+    if validation is None or limit is None or limit <= 0 or limit >= len(validation):
+        return validation
+    return validation.select(range(limit))
+
+
 def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, training_args, blocks, tokenizer,
               single_run: bool) -> RunResult:
     run_dir = os.path.join(training_args.output_dir, run)
@@ -146,11 +163,12 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
         args.dataloader_pin_memory = False  # pinning only speeds copies to an accelerator (torch warns otherwise)
     set_seed(training_args.seed)  # same initial weights and the same batches for both runs
     model = build_model(model_args, tokenizer)
+    clock = TrainingClock()
     trainer = SparseTrainer(
         model=model, args=args, train_dataset=blocks["train"], data_collator=default_data_collator,
-        processing_class=tokenizer, sparsity_config=sparsity, callbacks=[TrainingClock()],
+        processing_class=tokenizer, sparsity_config=sparsity, callbacks=[clock],
         # --eval_strategy steps --eval_steps N: validation perplexity during training (a curve by steps and seconds)
-        eval_dataset=blocks.get("validation") if args.eval_strategy != "no" else None,
+        eval_dataset=curve_validation_blocks(blocks, data_args) if args.eval_strategy != "no" else None,
     )
     with OtherLoad() as load:  # was the machine quiet while it trained? (the speed is comparable only then)
         output = trainer.train(resume_from_checkpoint=resume_point(training_args, run_dir, single_run))
@@ -170,18 +188,27 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
     nonzero, total = count_parameters(model)
     controller = trainer.sparsity_controller
     tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    train_tokens = trainer.state.global_step * tokens_per_step * model_args.seq_length
+    history = trainer.state.log_history
+    # the Trainer's train_runtime counts the evaluations during training; the clock leaves them out
+    runtime = output.metrics["train_runtime"]
+    sitting = clock.sitting_seconds or runtime
     result = RunResult(
         run=run, method=sparsity.method, density=linear_density(model), nonzero_params=nonzero, total_params=total,
         val_perplexity=perplexity["validation"], test_perplexity=perplexity.get("test"),
-        train_tokens=trainer.state.global_step * tokens_per_step * model_args.seq_length,
-        tokens_per_second=output.metrics["train_samples_per_second"] * model_args.seq_length,
-        train_seconds=output.metrics["train_runtime"],
+        train_tokens=train_tokens,
+        tokens_per_second=output.metrics["train_samples_per_second"] * model_args.seq_length * runtime / sitting,
+        train_seconds=clock.total_seconds or runtime,
         topology_updates=controller.update_count if controller is not None else 0,
         compute_path=describe_compute_path(model),
-        loss_history=[(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry],
+        loss_history=[(entry["step"], entry["loss"]) for entry in history if "loss" in entry],
+        loss_curve=[(entry["step"], entry.get(CLOCK_KEY), entry["loss"]) for entry in history if "loss" in entry],
         density_history=list(controller.density_history) if controller is not None else [],
         other_load=load.share if args.world_size == 1 else None,  # other ranks of this job would count as others
-        validation_history=validation_curve(trainer.state.log_history),
+        validation_history=validation_curve(history),
+        width=getattr(model.config, "hidden_size", None),
+        linear_nonzeros=count_linear_nonzeros(model),
+        training_state_bytes=training_state_bytes(model, trainer.optimizer),
     )
     if controller is not None:
         unsparsify(model)  # the final model is a plain transformers model: masked weights are exact zeros

@@ -1,7 +1,8 @@
 """Training time on every log entry, so that a curve can be drawn against wall time as well as steps.
 
-    trainer.add_callback(TrainingClock())
+    clock = TrainingClock(); trainer.add_callback(clock)
     ...
+    clock.sitting_seconds, clock.total_seconds                  # after training: evaluations left out
     validation_curve(trainer.state.log_history)   # [(step, train_seconds, validation perplexity), ...]
 
 ``TrainingClock`` writes ``train_seconds`` into each entry of ``trainer.state.log_history`` as it is logged: seconds
@@ -26,6 +27,8 @@ class TrainingClock(TrainerCallback):
         self._started: Optional[float] = None
         self._offset = 0.0  # seconds of earlier sittings (from the resumed checkpoint's history)
         self._evaluating = 0.0  # seconds spent in evaluations in this sitting
+        self.sitting_seconds: Optional[float] = None  # training seconds of the last sitting, set when it ends
+        self.total_seconds: Optional[float] = None  # the same with earlier sittings' (a resumed run)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._offset = max((entry[CLOCK_KEY] for entry in state.log_history if CLOCK_KEY in entry), default=0.0)
@@ -43,6 +46,9 @@ class TrainingClock(TrainerCallback):
         state.log_history[-1][CLOCK_KEY] = round(self._offset + max(0.0, elapsed), 3)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._started is not None:
+            self.sitting_seconds = max(0.0, self._clock() - self._started - self._evaluating)
+            self.total_seconds = self._offset + self.sitting_seconds
         self._started = None  # evaluations after training are not training time
 
 
