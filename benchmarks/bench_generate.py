@@ -179,6 +179,7 @@ def run(args) -> dict:
                 "call_tokens_per_s": call_rate[name], "call_vs_dense": call_rate[name] / call_rate["dense"],
                 "call_vs_served": None if path == "dense" else call_rate[name] / call_rate[served],
                 "same_greedy_tokens": same.get(name),
+                "call_s_samples": [s[2] for s in samples[name]],  # per round, in order: pairs with the others'
             })
     return {"device": device_name(device), "dtype": args.dtype, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "args": vars(args), "results": results,

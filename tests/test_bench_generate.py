@@ -148,6 +148,7 @@ def test_variants_run_interleaved_after_one_warm_up_each_and_the_table_is_median
     assert rows[served]["density"] == rows[trained]["density"] == 0.25 and rows["dense"]["density"] is None
     assert rows[served]["same_greedy_tokens"] is True and rows[trained]["same_greedy_tokens"] is True
     assert rows["dense"]["same_greedy_tokens"] is None
+    assert rows[trained]["call_s_samples"] == [0.08, 0.05, 0.16]  # the rounds' own times, in order
 
 
 def test_targets_are_judged_on_the_devices_own_rows_and_a_missing_row_is_not_run(bench):
