@@ -50,7 +50,9 @@ from sparse_nlp.lm.widening import widened_sparse_run  # noqa: E402
 
 
 def parse_args(argv=None):
-    argv = with_default_precision(list(sys.argv[1:] if argv is None else argv))
+    # fp32 on a CPU-only machine (its block-sparse kernels compute in fp32; the same numbers on every CPU), bf16
+    # autocast on a GPU with fast bf16; --bf16 true|false chooses.
+    argv = with_default_precision(list(sys.argv[1:] if argv is None else argv), bf16_on_cpu=False)
     parser = HfArgumentParser((ModelArguments, DataArguments, SparsityArguments, LMTrainingArguments))
     model_args, data_args, sparsity_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     options = dataclasses.asdict(sparsity_args)

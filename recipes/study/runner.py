@@ -172,6 +172,8 @@ def parse_args(argv: list[str]):
     options["init"] = options["init"] or "random"
     options.pop("seed", None)
     training_args.resume_from_checkpoint = "last"  # each run from its own latest checkpoint, if it has one
+    # the study scores every token with at least half a window of context, as it always has
+    data_args.eval_stride = data_args.eval_stride or max(1, model_args.seq_length // 2)
     return model_args, data_args, options, study, training_args
 
 

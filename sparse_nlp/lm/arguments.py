@@ -72,9 +72,11 @@ class DataArguments:
         default=None, metadata={"help": "End every record with the eos token. Default: on for the embedded corpus "
                                 "(records are whole speeches), off for line-based text."}
     )
+    # Non-overlapping windows by default: half the scoring time of stride seq_length // 2 (which gives every token
+    # at least half a window of context, and a lower perplexity); the study sets that.
     eval_stride: Optional[int] = field(
-        default=None, metadata={"help": "Perplexity window stride (default seq_length // 2: every token scored with "
-                                "at least half a window of context)."}
+        default=None, metadata={"help": "Perplexity window stride (default seq_length: non-overlapping windows; "
+                                "seq_length // 2 scores every token with at least half a window of context)."}
     )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing."})
     curve_eval_sequences: Optional[int] = field(
@@ -91,20 +93,20 @@ class LMTrainingArguments(TrainingArguments):
     # AdamW rather than the paper's SGD-momentum: AdamW is what LMs train with; sparse momentum reads its
     # exp_avg / sqrt(exp_avg_sq) as the momentum.
     output_dir: Optional[str] = field(default="runs/train_lm", metadata={"help": "Where runs and results go."})
-    max_steps: int = field(default=400, metadata={"help": "Optimizer steps per run (same for sparse and dense)."})
-    # 12 x 128 tokens a step: the whole default run took 414 s on 2 cores in fp32 (docs/default_run.md); a step of 16
-    # sequences takes ~1.5x as long as one of 12 there.
-    per_device_train_batch_size: int = field(default=12, metadata={"help": "Sequences per step and device."})
+    # 300 steps of 8 x 128 tokens: the sparse and the dense run together in a few minutes on 2 CPU cores, install
+    # included (docs/default_run.md); the run before (400 x 12, fine-grained) took 7-10 minutes.
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps per run (same for sparse and dense)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per step and device."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Windows per perplexity batch."})
     # 1e-3: the dense baseline's best of {5e-4, 1e-3, 2e-3} in 150-step trials (2e-3 was its worst); sparse uses the same.
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
-    # A fifth of the run: 80 of the default 400 steps, as measured (docs/default_run.md); with 20 (5%) the dense
+    # A fifth of the run (60 of the default 300 steps): 80 of 400 steps as measured (docs/default_run.md); with 20 (5%) the dense
     # baseline of the default run fell 31% behind the sparse one (val ppl 131.45 vs 103.57; 100.06 vs 98.49 with 80).
     # A fraction, not a count, so that short runs reach their peak learning rate: a 40-step fine-tune of a pretrained
     # 135M Llama at lr 1e-4 reached val ppl 131.4 with the former fixed 80 steps and 101.5 with 20.
     warmup_steps: float = field(
-        default=0.2, metadata={"help": "Warm-up: a fraction of max_steps if < 1 (default 0.2: 80 of the default 400 "
+        default=0.2, metadata={"help": "Warm-up: a fraction of max_steps if < 1 (default 0.2: 60 of the default 300 "
                                "steps, 8 of 40), else a number of steps; one as long as the run is warned about."}
     )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
@@ -127,9 +129,10 @@ class LMTrainingArguments(TrainingArguments):
     eval_steps: Optional[float] = field(default=50, metadata={"help": "Score validation every N steps."})
 
 
-# 8 topology updates in the default 400-step run; 64 x 64 blocks: the layers store and compute only their live
-# blocks (the study: within 1.4-3.2% of fine-grained perplexity), so the sparse run trains faster than dense.
-RECIPE_SPARSITY_DEFAULTS = {"update_interval": 50, "block_size": 64}
+# 5 topology updates in the default 300-step run. 32 x 32 blocks: the layers store and compute only their live blocks,
+# so the sparse run trains faster than dense; on this model 32 trains as fast as 64 (1.21x dense at density 0.2, 2-core
+# AVX2, fp32: docs/default_run.md) and is finer (the study: block 64 within 1.4-3.2% of fine-grained perplexity).
+RECIPE_SPARSITY_DEFAULTS = {"update_interval": 50, "block_size": 32}
 
 
 def _sparsity_arguments() -> type:
@@ -156,14 +159,16 @@ def _sparsity_arguments() -> type:
 SparsityArguments = _sparsity_arguments()
 
 
-def with_default_precision(argv: list[str]) -> list[str]:
+def with_default_precision(argv: list[str], bf16_on_cpu: bool = True) -> list[str]:
     """Without --bf16 on the command line, train in bf16 autocast where bf16 is fast (on a CPU-only machine that
-    also needs --use_cpu, which changes nothing else there); `--bf16 false` keeps fp32."""
+    also needs --use_cpu, which changes nothing else there); `--bf16 false` keeps fp32. ``bf16_on_cpu=False`` keeps
+    fp32 on CPU-only machines (the training recipe: its block-sparse CPU kernels compute in fp32, and its numbers
+    are then the same on every CPU, with or without fast bf16)."""
     if any(arg.split("=")[0] in ("--bf16", "--fp16") for arg in argv):  # the user chose
         return argv
     if torch.cuda.is_available():
         return argv + ["--bf16", "true"] if has_fast_bf16("cuda") else argv
-    if not has_fast_bf16("cpu"):
+    if not bf16_on_cpu or not has_fast_bf16("cpu"):
         return argv
     given_cpu = any(arg == "--use_cpu" or arg.startswith("--use_cpu=") for arg in argv)
     return argv + ["--bf16", "true"] + ([] if given_cpu else ["--use_cpu", "true"])

@@ -173,7 +173,7 @@ def train_one(run: str, sparsity: SparsityConfig, model_args, data_args, trainin
     with OtherLoad() as load:  # was the machine quiet while it trained? (the speed is comparable only then)
         output = trainer.train(resume_from_checkpoint=resume_point(training_args, run_dir, single_run))
     model = trainer.model
-    stride = data_args.eval_stride or max(1, model_args.seq_length // 2)
+    stride = data_args.eval_stride or model_args.seq_length
     perplexity = {}
     # Scored in the precision the run trained in (bf16 autocast halves the time); logits are upcast for the softmax.
     scoring = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.bf16)
