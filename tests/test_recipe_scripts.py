@@ -17,7 +17,8 @@ def test_no_recipe_edits_the_import_path():
 
 
 @pytest.mark.parametrize("recipe, flag", [("train_lm", "--dense_baseline"), ("study_lm", "--seeded_methods"),
-                                          ("study_levers", "--baseline_dir"), ("study_compare", "--output_dir")])
+                                          ("study_levers", "--baseline_dir"), ("study_compare", "--output_dir"),
+                                          ("study_equal_quality", "--sparse")])
 def test_every_recipe_prints_its_help(recipe, flag, capsys):
     module = importlib.import_module(recipe)  # recipes/<recipe>.py (pytest's pythonpath: recipes/)
     with pytest.raises(SystemExit) as exit_:
