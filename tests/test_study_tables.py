@@ -3,7 +3,6 @@ rows, speeds from quiet machines, and the PNGs."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -65,17 +64,7 @@ def test_a_group_speed_comes_from_runs_on_a_quiet_machine():
 
 
 # ---- plots ------------------------------------------------------------------------------------------------------------
-def test_plots_without_matplotlib_say_how_to_get_them(tmp_path, monkeypatch):
-    from study.plots import write_study_plots
-
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r'pip install -e "\.\[plot\]".*study_perplexity\.png'):
-        write_study_plots([study_row("dense", 1.0, 0, 100.0)], str(tmp_path))
-
-
 def test_plots_are_written(tmp_path):
-    pytest.importorskip("matplotlib")
     from study.plots import write_study_plots
 
     history = [{"step": 0, "densities": {"transformer.h.0.attn.c_attn": 0.1, "transformer.h.0.mlp.c_fc": 0.1}},

@@ -57,7 +57,6 @@ def test_validation_curve_is_the_evaluations_in_step_order_as_perplexity():
 
 
 def test_study_plots_add_the_curves_when_runs_were_evaluated_during_training(tmp_path):
-    pytest.importorskip("matplotlib")
     from dataclasses import replace
 
     from study.curve_plot import write_validation_curves
