@@ -90,13 +90,20 @@ def model_config(model_args: ModelArguments, tokenizer):
     return new_model_config(model_args, tokenizer)
 
 
-def new_model_config(model_args: ModelArguments, tokenizer):
+def base_model_config(model_args: ModelArguments):
+    """A new model's config before the tokenizer sets its vocabulary and special tokens: ``DEFAULT_MODEL`` or
+    ``--config_name``, with ``--config_overrides``."""
     if model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name)
     else:
         config = GPT2Config(**DEFAULT_MODEL, n_positions=model_args.seq_length)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
+    return config
+
+
+def new_model_config(model_args: ModelArguments, tokenizer):
+    config = base_model_config(model_args)
     config.vocab_size = len(tokenizer)
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     return config

@@ -13,24 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from transformers import AutoConfig, GPT2Config, PretrainedConfig
-
 from sparse_nlp import SparsityConfig
 from sparse_nlp.lm.arguments import ModelArguments
-from sparse_nlp.lm.training import DEFAULT_MODEL
+from sparse_nlp.lm.training import base_model_config
 from sparse_nlp.width import check_width_multiplier, plan_widening
-
-
-def base_model_config(model_args: ModelArguments) -> PretrainedConfig:
-    """The base (dense) model's config as ``training.new_model_config`` builds it, before the tokenizer sets the
-    vocabulary and the special tokens (which widening does not read)."""
-    if model_args.config_name:
-        config = AutoConfig.from_pretrained(model_args.config_name)
-    else:
-        config = GPT2Config(**DEFAULT_MODEL, n_positions=model_args.seq_length)
-    if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
-    return config
 
 
 def widened_sparse_run(model_args: ModelArguments,
